@@ -1,0 +1,184 @@
+"""The shared MuJoCo task base: one place for the gymnasium contract every labkit task follows.
+
+A task subclasses `MujocoTask`, gives its MJCF model and fills in `_reset_task`, `_state`, `_proprio`,
+`_evaluate` and `_apply_action`. The base handles seeding, frame skipping, the `Dict` observation
+(`state`, `proprio`, `pixels` when `obs_mode="pixels"`), sparse or dense rewards, physics options
+for domain randomisation (friction, mass, damping, observation noise) and headless rendering.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import gymnasium as gym
+import mujoco
+import numpy as np
+from gymnasium import spaces
+
+Scale = float | tuple[float, float]
+
+
+@dataclass
+class Physics:
+    """Multipliers on the nominal model, each a number or a (low, high) range sampled every reset."""
+
+    friction: Scale = 1.0
+    mass: Scale = 1.0
+    damping: Scale = 1.0
+    obs_noise: float = 0.0  # std of Gaussian noise added to `state` and `proprio`, in their units
+
+    def sample(self, rng: np.random.Generator, name: str) -> float:
+        value = getattr(self, name)
+        if isinstance(value, tuple | list):
+            lo, hi = value
+            if not 0 < lo <= hi:
+                raise ValueError(f"{name} range must satisfy 0 < low <= high, got {value}")
+            return float(rng.uniform(lo, hi))
+        if value <= 0:
+            raise ValueError(f"{name} must be a positive multiplier, got {value}")
+        return float(value)
+
+
+class MujocoTask(gym.Env):
+    """Base class of labkit tasks: a MuJoCo model behind the standard gymnasium contract."""
+
+    metadata = {"render_modes": ["rgb_array"], "render_fps": 10}
+    xml: str = ""
+    frame_skip: int = 10
+    camera: str = "top"
+    state_dim: int = 0
+    proprio_dim: int = 0
+
+    def __init__(
+        self,
+        obs_mode: str = "state",
+        reward_type: str = "sparse",
+        render_mode: str | None = None,
+        image_size: int = 96,
+        friction: Scale = 1.0,
+        mass: Scale = 1.0,
+        damping: Scale = 1.0,
+        obs_noise: float = 0.0,
+    ):
+        if obs_mode not in ("state", "pixels"):
+            raise ValueError(f"obs_mode must be 'state' or 'pixels', got {obs_mode!r}")
+        if reward_type not in ("sparse", "dense"):
+            raise ValueError(f"reward_type must be 'sparse' or 'dense', got {reward_type!r}")
+        if render_mode not in (None, "rgb_array"):
+            raise ValueError(f"render_mode must be None or 'rgb_array', got {render_mode!r}")
+        self.obs_mode, self.reward_type, self.render_mode = obs_mode, reward_type, render_mode
+        self.image_size = int(image_size)
+        self.physics = Physics(friction, mass, damping, float(obs_noise))
+        for name in ("friction", "mass", "damping"):  # validate early, not at the first reset
+            self.physics.sample(np.random.default_rng(0), name)
+
+        self.model = mujoco.MjModel.from_xml_string(self.xml)
+        self.data = mujoco.MjData(self.model)
+        self._nominal = {
+            "friction": self.model.geom_friction.copy(),
+            "mass": self.model.body_mass.copy(),
+            "inertia": self.model.body_inertia.copy(),
+            "damping": self.model.dof_damping.copy(),
+        }
+        self._renderers: dict[int, mujoco.Renderer] = {}
+
+        obs_spaces = {
+            "state": spaces.Box(-np.inf, np.inf, (self.state_dim,), np.float32),
+            "proprio": spaces.Box(-np.inf, np.inf, (self.proprio_dim,), np.float32),
+        }
+        if obs_mode == "pixels":
+            obs_spaces["pixels"] = spaces.Box(0, 255, (self.image_size, self.image_size, 3), np.uint8)
+        self.observation_space = spaces.Dict(obs_spaces)
+        self.action_space = self._action_space()
+        self.metadata = {**self.metadata, "render_fps": round(1.0 / self.control_dt)}
+
+    # ---- what a task provides -----------------------------------------------------------------
+    def _action_space(self) -> spaces.Box:
+        raise NotImplementedError
+
+    def _reset_task(self, rng: np.random.Generator, options: dict | None) -> None:
+        """Set qpos/qvel (and any task variables) for a new episode."""
+        raise NotImplementedError
+
+    def _apply_action(self, action: np.ndarray) -> None:
+        raise NotImplementedError
+
+    def _state(self) -> np.ndarray:
+        raise NotImplementedError
+
+    def _proprio(self) -> np.ndarray:
+        raise NotImplementedError
+
+    def _evaluate(self) -> tuple[bool, float, dict[str, Any]]:
+        """Return (is_success, dense_reward, extra info) for the current physics state."""
+        raise NotImplementedError
+
+    def _failed(self) -> bool:
+        """True when the episode ends in failure (e.g. a collision); most tasks never fail early."""
+        return False
+
+    # ---- the gymnasium contract ---------------------------------------------------------------
+    @property
+    def control_dt(self) -> float:
+        return self.model.opt.timestep * self.frame_skip
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        self._randomise_physics()
+        mujoco.mj_resetData(self.model, self.data)
+        self._reset_task(self.np_random, options)
+        mujoco.mj_forward(self.model, self.data)
+        success, _, extra = self._evaluate()
+        return self._obs(), {"is_success": bool(success), **extra}
+
+    def step(self, action):
+        action = np.asarray(action, dtype=np.float64)
+        if action.shape != self.action_space.shape:
+            raise ValueError(f"action must have shape {self.action_space.shape}, got {action.shape}")
+        if not np.all(np.isfinite(action)):
+            raise ValueError(f"action contains NaN or inf: {action}")
+        action = np.clip(action, self.action_space.low, self.action_space.high)
+        self._apply_action(action)
+        mujoco.mj_step(self.model, self.data, nstep=self.frame_skip)
+        success, dense, extra = self._evaluate()
+        failed = self._failed()
+        reward = float(dense) if self.reward_type == "dense" else float(success)
+        info = {"is_success": bool(success), **extra}
+        return self._obs(), reward, bool(success or failed), False, info
+
+    def render(self):
+        if self.render_mode != "rgb_array":
+            return None
+        return self._render(480 if self.image_size < 480 else self.image_size)
+
+    def close(self):
+        for r in self._renderers.values():
+            r.close()
+        self._renderers.clear()
+
+    # ---- helpers ------------------------------------------------------------------------------
+    def _obs(self) -> dict[str, np.ndarray]:
+        state, proprio = self._state(), self._proprio()
+        if self.physics.obs_noise > 0:
+            state = state + self.np_random.normal(0, self.physics.obs_noise, state.shape)
+            proprio = proprio + self.np_random.normal(0, self.physics.obs_noise, proprio.shape)
+        obs = {"state": state.astype(np.float32), "proprio": proprio.astype(np.float32)}
+        if self.obs_mode == "pixels":
+            obs["pixels"] = self._render(self.image_size)
+        return obs
+
+    def _render(self, size: int) -> np.ndarray:
+        if size not in self._renderers:
+            self._renderers[size] = mujoco.Renderer(self.model, size, size)
+        r = self._renderers[size]
+        r.update_scene(self.data, camera=self.camera)
+        return r.render().copy()
+
+    def _randomise_physics(self) -> None:
+        rng, nom, m = self.np_random, self._nominal, self.model
+        m.geom_friction[:] = nom["friction"] * self.physics.sample(rng, "friction")
+        k = self.physics.sample(rng, "mass")
+        m.body_mass[:] = nom["mass"] * k
+        m.body_inertia[:] = nom["inertia"] * k
+        m.dof_damping[:] = nom["damping"] * self.physics.sample(rng, "damping")
