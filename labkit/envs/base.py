@@ -69,6 +69,7 @@ class MujocoTask(gym.Env):
             raise ValueError(f"render_mode must be None or 'rgb_array', got {render_mode!r}")
         self.obs_mode, self.reward_type, self.render_mode = obs_mode, reward_type, render_mode
         self.image_size = int(image_size)
+        self.render_size = 256  # side of `render()` frames (videos); `pixels` observations use image_size
         self.physics = Physics(friction, mass, damping, float(obs_noise))
         for name in ("friction", "mass", "damping"):  # validate early, not at the first reset
             self.physics.sample(np.random.default_rng(0), name)
@@ -150,7 +151,7 @@ class MujocoTask(gym.Env):
     def render(self):
         if self.render_mode != "rgb_array":
             return None
-        return self._render(480 if self.image_size < 480 else self.image_size)
+        return self._render(self.render_size)
 
     def close(self):
         for r in self._renderers.values():

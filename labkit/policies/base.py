@@ -1,0 +1,215 @@
+"""The policy contract every labkit policy follows, and the checkpoint format that rebuilds one.
+
+A policy is a LightningModule that robot code drives through three calls (LeRobot's contract):
+`predict_action_chunk(obs_batch) -> [B, H, A]`, `select_action(obs) -> [A]` (keeps an observation
+history and an action queue, executing `n_action_steps` of each chunk before predicting again) and
+`reset()`. Subclasses implement `loss(obs, action, is_pad)` and `predict_normalized(obs)`; the base
+class owns normalisation, the queues, the optimiser and the checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+
+from labkit.data import Normalizer
+
+# Env observation keys -> dataset feature names (LeRobot's naming).
+ENV_TO_DATA = {"state": "observation.state", "proprio": "observation.proprio", "pixels": "observation.images.top"}
+
+# Classes that `load_policy` may rebuild: an allowlist, so a checkpoint cannot name arbitrary code.
+POLICY_CLASSES = {"BCPolicy": "labkit.policies.bc:BCPolicy"}
+
+
+@dataclass
+class PolicyConfig:
+    """What every policy shares: which observations it sees, and its chunking."""
+
+    obs_keys: tuple[str, ...] = ("observation.state",)
+    obs_horizon: int = 2  # observations stacked as input (Diffusion Policy's n_obs_steps)
+    horizon: int = 16  # length of the predicted action chunk
+    n_action_steps: int = 8  # actions executed from each chunk before predicting again
+    lr: float = 1e-3
+    weight_decay: float = 1e-6
+    warmup_steps: int = 100
+
+    def __post_init__(self):
+        self.obs_keys = tuple(self.obs_keys)
+        if not 1 <= self.n_action_steps <= self.horizon:
+            raise ValueError(f"need 1 <= n_action_steps <= horizon, got {self.n_action_steps}, {self.horizon}")
+        if self.obs_horizon < 1:
+            raise ValueError(f"obs_horizon must be >= 1, got {self.obs_horizon}")
+
+
+class Policy(L.LightningModule):
+    """Base class: normalisation, the runtime contract, optimiser and checkpointing."""
+
+    config_class: type[PolicyConfig] = PolicyConfig
+
+    def __init__(self, config: PolicyConfig | dict, shapes: dict[str, list[int]], stats: dict[str, dict]):
+        super().__init__()
+        if isinstance(config, dict):
+            names = {f.name for f in dataclasses.fields(self.config_class)}
+            unknown = set(config) - names
+            if unknown:
+                raise ValueError(f"unknown {self.config_class.__name__} fields: {sorted(unknown)}")
+            config = self.config_class(**config)
+        self.config = config
+        missing = [k for k in (*config.obs_keys, "action") if k not in shapes]
+        if missing:
+            raise ValueError(f"shapes lack {missing}; the dataset has {sorted(shapes)}")
+        self.shapes = {k: list(shapes[k]) for k in (*config.obs_keys, "action")}
+        self.stats = {k: {s: np.asarray(v).tolist() for s, v in stats[k].items()} for k in self.shapes if k in stats}
+        self.action_dim = self.shapes["action"][0]
+        modes = {k: ("min_max" if k == "action" else "identity" if k.startswith("observation.images") else "mean_std")
+                 for k in self.shapes}
+        self.normalizer = Normalizer.from_stats(self.stats, modes)
+        self.save_hyperparameters({"policy_class": type(self).__name__, "config": dataclasses.asdict(config),
+                                   "shapes": self.shapes, "stats": self.stats})
+        self.loss_history: list[torch.Tensor] = []
+        self.reset()
+
+    @classmethod
+    def from_dataset(cls, dataset, **config) -> Policy:
+        """Build a policy whose shapes and normaliser come from `dataset` (a labkit EpisodeDataset)."""
+        cfg = cls.config_class(**config)
+        shapes = {k: list(dataset.frames[k].shape[1:]) for k in (*cfg.obs_keys, "action") if k in dataset.frames}
+        return cls(cfg, shapes, dataset.stats)
+
+    # ---- what a method provides ---------------------------------------------------------------
+    def loss(self, obs: dict[str, torch.Tensor], action: torch.Tensor, is_pad: torch.Tensor) -> torch.Tensor:
+        """The method's training loss on normalised observations and actions."""
+        raise NotImplementedError
+
+    def predict_normalized(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """A normalised action chunk [B, H, A] from normalised observations."""
+        raise NotImplementedError
+
+    # ---- normalisation ------------------------------------------------------------------------
+    def normalize_obs(self, obs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out = {}
+        for k in self.config.obs_keys:
+            if k not in obs:
+                raise KeyError(f"observation batch lacks {k!r}; it has {sorted(obs)}")
+            x = torch.as_tensor(obs[k], device=self.device)
+            out[k] = x if k.startswith("observation.images") else self.normalizer.normalize(k, x.float())
+        return out
+
+    # ---- training -----------------------------------------------------------------------------
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        obs = self.normalize_obs(batch["obs"])
+        action = self.normalizer.normalize("action", batch["action"].float())
+        loss = self.loss(obs, action, batch["action_is_pad"])
+        self.loss_history.append(loss.detach())
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def configure_optimizers(self):
+        opt = torch.optim.AdamW(self.parameters(), lr=self.config.lr, weight_decay=self.config.weight_decay)
+        total = max(int(self.trainer.max_steps), 1) if self._trainer is not None else 1
+        warm = min(self.config.warmup_steps, total // 10 + 1)
+
+        def schedule(step: int) -> float:  # linear warm-up, then cosine decay to zero
+            if step < warm:
+                return (step + 1) / warm
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def losses(self) -> np.ndarray:
+        """Training loss per step so far (for learning curves)."""
+        return torch.stack(self.loss_history).cpu().numpy() if self.loss_history else np.zeros(0)
+
+    # ---- the runtime contract -----------------------------------------------------------------
+    @torch.no_grad()
+    def predict_action_chunk(self, obs: dict[str, Any]) -> torch.Tensor:
+        """Observation history batch {key: [B, obs_horizon, ...]} -> action chunk [B, H, A], physical units."""
+        chunk = self.predict_normalized(self.normalize_obs(obs))
+        return self.normalizer.unnormalize("action", chunk)
+
+    def reset(self) -> None:
+        """Forget the observation history and the queued actions (call at every episode start)."""
+        self._history: deque[dict[str, torch.Tensor]] = deque(maxlen=self.config.obs_horizon)
+        self._queue: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def select_action(self, obs: dict[str, np.ndarray]) -> np.ndarray:
+        """One env observation (or a batch of them) -> the next action [A] (or [B, A]).
+
+        Observations use the env's keys (`state`, `proprio`, `pixels`). A new chunk is predicted
+        when the queue is empty; the first call after `reset()` repeats the first observation to
+        fill the history, as the training windows do at an episode's start.
+        """
+        was_training = self.training
+        self.eval()
+        frame, single = self._env_obs_to_frame(obs)
+        if not self._history:
+            self._history.extend([frame] * self.config.obs_horizon)
+        else:
+            self._history.append(frame)
+        if self._queue is None or self._queue.shape[1] == 0:
+            batch = {k: torch.stack([h[k] for h in self._history], dim=1) for k in frame}
+            chunk = self.predict_action_chunk(batch)
+            self._queue = chunk[:, : self.config.n_action_steps]
+        action, self._queue = self._queue[:, 0], self._queue[:, 1:]
+        self.train(was_training)
+        action = action.cpu().numpy().astype(np.float32)
+        return action[0] if single else action
+
+    def _env_obs_to_frame(self, obs: dict[str, np.ndarray]) -> tuple[dict[str, torch.Tensor], bool]:
+        frame, single = {}, None
+        data_to_env = {v: k for k, v in ENV_TO_DATA.items()}
+        for key in self.config.obs_keys:
+            env_key = data_to_env.get(key, key)
+            if env_key not in obs:
+                raise KeyError(f"policy needs observation {env_key!r} (dataset feature {key!r}); got {sorted(obs)}."
+                               " For pixels, make the env with obs_mode='pixels'.")
+            x = torch.as_tensor(np.asarray(obs[env_key]), device=self.device)
+            expected = self.shapes[key]
+            is_single = list(x.shape) == expected
+            if not is_single and list(x.shape[1:]) != expected:
+                raise ValueError(f"observation {env_key!r} has shape {tuple(x.shape)}; expected {tuple(expected)}"
+                                 f" or a batch [B, {', '.join(map(str, expected))}]")
+            single = is_single if single is None else single
+            frame[key] = x[None] if is_single else x
+        return frame, bool(single)
+
+    # ---- checkpoints --------------------------------------------------------------------------
+    def save(self, path: str | Path) -> Path:
+        """Write a checkpoint that `labkit.load_policy` rebuilds: weights, normaliser, config, shapes."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"hyper_parameters": dict(self.hparams), "state_dict": self.state_dict()}, path)
+        return path
+
+
+def load_policy(path: str | Path, map_location: str | torch.device = "cpu") -> Policy:
+    """Rebuild a policy from a checkpoint written by `Policy.save` or by a Lightning Trainer.
+
+    Loaded with `weights_only=True`: tensors and plain containers only, never arbitrary pickles.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # truncated file, not a torch file, or an unsafe pickle
+        raise ValueError(f"cannot read checkpoint {path}: {e}") from e
+    hp = ckpt.get("hyper_parameters", {}) if isinstance(ckpt, dict) else {}
+    name = hp.get("policy_class")
+    if name not in POLICY_CLASSES:
+        raise ValueError(f"{path} is not a labkit policy checkpoint (policy_class={name!r}; known: {sorted(POLICY_CLASSES)})")
+    module, cls_name = POLICY_CLASSES[name].split(":")
+    cls = getattr(__import__(module, fromlist=[cls_name]), cls_name)
+    policy = cls(hp["config"], hp["shapes"], hp["stats"])
+    policy.load_state_dict(ckpt["state_dict"])
+    return policy.eval()

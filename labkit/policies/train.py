@@ -1,0 +1,79 @@
+"""Training any labkit policy on an episode dataset, through Lightning, fast on a laptop CPU.
+
+On 2 CPU cores a default Trainer with a DataLoader ran small MLPs at about half the rate of a plain
+PyTorch loop. The time went to the DataLoader (collation, worker hand-off), not to Lightning's loop:
+the windows are held as in-memory tensors and batches are index-sampled from them, no workers.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Iterator
+
+import lightning as L
+import torch
+
+from labkit.policies.base import Policy
+
+
+class RandomBatches:
+    """An iterable of `steps` random minibatches drawn (with replacement) from in-memory tensors."""
+
+    def __init__(self, tensors: dict, batch_size: int, steps: int, seed: int = 0):
+        self.tensors, self.batch_size, self.steps = tensors, batch_size, steps
+        self.n = len(tensors["action"])
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self) -> Iterator[dict]:
+        for _ in range(self.steps):
+            idx = torch.randint(0, self.n, (self.batch_size,), generator=self.gen)
+            yield _index(self.tensors, idx)
+
+
+def _index(tree, idx):
+    return {k: _index(v, idx) for k, v in tree.items()} if isinstance(tree, dict) else tree[idx]
+
+
+def window_tensors(policy: Policy, dataset) -> dict:
+    """The dataset's training samples for `policy`: {"obs": {key: [N, To, ...]}, "action", "action_is_pad"}."""
+    c = policy.config
+    w = dataset.windows(obs_horizon=c.obs_horizon, horizon=c.horizon, keys=c.obs_keys)
+    obs = w["obs"] if "obs" in w else {k: w[k] for k in c.obs_keys}
+    return {
+        "obs": {k: torch.as_tensor(obs[k]) for k in c.obs_keys},
+        "action": torch.as_tensor(w["action"]).float(),
+        "action_is_pad": torch.as_tensor(w["action_is_pad"]).bool(),
+    }
+
+
+def quiet_lightning() -> None:
+    """Silence Lightning's banners and tips so that notebooks stay readable."""
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+
+
+def fit(policy: Policy, dataset, steps: int = 2000, batch_size: int = 256, seed: int = 0,
+        progress: bool = True, accelerator: str = "auto", devices: int | str = 1, **trainer_kwargs) -> Policy:
+    """Train `policy` on `dataset` for `steps` gradient steps and return it (in eval mode).
+
+    Extra keyword arguments go to `lightning.Trainer` (e.g. `strategy="ddp"`, `precision="bf16-mixed"`).
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    quiet_lightning()
+    L.seed_everything(seed, verbose=False)
+    batches = RandomBatches(window_tensors(policy, dataset), batch_size, steps, seed)
+    trainer = L.Trainer(
+        max_steps=steps, max_epochs=-1, accelerator=accelerator, devices=devices, logger=False,
+        enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=progress,
+        log_every_n_steps=max(1, min(50, steps // 10)), num_sanity_val_steps=0, **trainer_kwargs,
+    )
+    policy.train()
+    trainer.fit(policy, train_dataloaders=batches)
+    return policy.eval()

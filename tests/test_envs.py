@@ -1,0 +1,101 @@
+"""The task contract (check_env, determinism, success/failure detection) and the Detour expert."""
+
+import gymnasium as gym
+import numpy as np
+import pytest
+from gymnasium.utils.env_checker import check_env
+
+import labkit
+
+
+@pytest.mark.parametrize("obs_mode", ["state", "pixels"])
+def test_detour_passes_check_env(obs_mode):
+    env = gym.make("labkit/Detour-v0", obs_mode=obs_mode)
+    check_env(env.unwrapped, skip_render_check=True)
+    obs, info = env.reset(seed=0)
+    assert obs["state"].shape == (6,) and obs["proprio"].shape == (4,)
+    assert "is_success" in info
+    if obs_mode == "pixels":
+        assert obs["pixels"].shape == (96, 96, 3) and obs["pixels"].dtype == np.uint8
+        assert obs["pixels"].std() > 5, "the camera sees a blank image"
+
+
+def test_detour_is_deterministic_under_seed():
+    def rollout(seed):
+        env = gym.make("labkit/Detour-v0")
+        obs, _ = env.reset(seed=seed)
+        out = [obs["state"]]
+        for a in np.linspace(-0.5, 0.5, 15):
+            out.append(env.step(np.array([a, 0.4], np.float32))[0]["state"])
+        return np.stack(out)
+
+    np.testing.assert_array_equal(rollout(3), rollout(3))
+    assert not np.array_equal(rollout(3), rollout(4))
+
+
+def test_detour_driving_straight_collides_and_fails():
+    env = gym.make("labkit/Detour-v0")
+    env.reset(seed=0)
+    for _ in range(50):
+        _, r, term, trunc, info = env.step(np.array([0.0, 0.5], np.float32))
+        if term:
+            break
+    assert term and info["collision"] and not info["is_success"] and r == 0.0
+
+
+def test_detour_expert_succeeds_and_is_bimodal():
+    env = gym.make("labkit/Detour-v0")
+    expert = labkit.envs.expert(env)
+    sides, wins = [], 0
+    for seed in range(40):
+        obs, _ = env.reset(seed=seed)
+        expert.reset(seed=seed)
+        sides.append(expert.side)
+        for _ in range(100):
+            obs, r, term, trunc, info = env.step(expert(obs))
+            if term or trunc:
+                break
+        wins += info["is_success"]
+        assert not info["collision"]
+    assert wins >= 39
+    assert 0.3 <= np.mean(np.array(sides) < 0) <= 0.7, "the expert should pick each side about half the time"
+
+
+def test_time_limit_truncates():
+    env = gym.make("labkit/Detour-v0")
+    env.reset(seed=0)
+    for t in range(100):
+        _, _, term, trunc, _ = env.step(np.zeros(2, np.float32))
+    assert trunc and not term
+
+
+def test_dense_reward_is_negative_distance():
+    env = gym.make("labkit/Detour-v0", reward_type="dense")
+    env.reset(seed=0)
+    _, r, _, _, info = env.step(np.zeros(2, np.float32))
+    assert r == pytest.approx(-info["distance"])
+
+
+def test_physics_options_and_bad_input():
+    env = gym.make("labkit/Detour-v0", damping=(0.5, 2.0), mass=1.5, obs_noise=0.01)
+    env.reset(seed=0)
+    with pytest.raises(ValueError, match="friction"):
+        gym.make("labkit/Detour-v0", friction=-1.0)
+    with pytest.raises(ValueError, match="obs_mode"):
+        gym.make("labkit/Detour-v0", obs_mode="rgb")
+    with pytest.raises(ValueError, match="shape"):
+        env.step(np.zeros(3, np.float32))
+    with pytest.raises(ValueError, match="NaN"):
+        env.step(np.array([np.nan, 0.0], np.float32))
+
+
+def test_render_without_display():
+    env = gym.make("labkit/Detour-v0", render_mode="rgb_array")
+    env.reset(seed=0)
+    frame = env.render()
+    assert frame.shape == (256, 256, 3) and frame.dtype == np.uint8 and frame.std() > 5
+
+
+def test_expert_for_unknown_env_is_a_clear_error():
+    with pytest.raises(ValueError, match="no scripted expert"):
+        labkit.envs.expert(gym.make("CartPole-v1"))
