@@ -1,0 +1,117 @@
+"""The policy contract and behavior cloning: loss falls, queue semantics, checkpoints, bad input."""
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+import labkit
+from labkit.data import record, load_dataset
+from labkit.policies import BCPolicy, fit
+from labkit.policies.train import window_tensors
+
+
+@pytest.fixture(scope="module")
+def detour_ds(tmp_path_factory):
+    env = gym.make("labkit/Detour-v0")
+    root = record(env, labkit.envs.expert(env), tmp_path_factory.mktemp("d") / "detour", episodes=12, seed=0,
+                  progress=False)
+    return load_dataset(root, env_id="labkit/Detour-v0")
+
+
+def test_bc_loss_falls_and_shapes(detour_ds):
+    policy = BCPolicy.from_dataset(detour_ds, horizon=8, n_action_steps=4, hidden=64, layers=2)
+    fit(policy, detour_ds, steps=150, batch_size=64, progress=False)
+    losses = policy.losses()
+    assert len(losses) == 150 and np.isfinite(losses).all()
+    assert losses[-20:].mean() < 0.5 * losses[:20].mean()
+    obs = {"observation.state": torch.zeros(5, 2, 6)}
+    assert policy.predict_action_chunk(obs).shape == (5, 8, 2)
+
+
+def test_masked_loss_ignores_padding(detour_ds):
+    policy = BCPolicy.from_dataset(detour_ds, horizon=4, n_action_steps=2, hidden=32, layers=1)
+    t = window_tensors(policy, detour_ds)
+    obs = policy.normalize_obs({k: v[:32] for k, v in t["obs"].items()})
+    action, pad = t["action"][:32].clone(), t["action_is_pad"][:32].clone()
+    pad[:, -1] = True
+    base = policy.loss(obs, action, pad)
+    action[:, -1] += 100.0  # garbage on padded steps must not move the loss
+    assert torch.allclose(policy.loss(obs, action, pad), base)
+
+
+def test_select_action_executes_n_action_steps_per_chunk(detour_ds):
+    policy = BCPolicy.from_dataset(detour_ds, horizon=8, n_action_steps=3, hidden=32, layers=1)
+    calls = []
+    original = policy.predict_action_chunk
+    policy.predict_action_chunk = lambda batch: calls.append(batch) or original(batch)
+    env = gym.make("labkit/Detour-v0")
+    obs, _ = env.reset(seed=0)
+    policy.reset()
+    for _ in range(7):
+        a = policy.select_action(obs)
+        assert a.shape == (2,) and a.dtype == np.float32
+        obs = env.step(a)[0]
+    assert len(calls) == 3  # steps 0, 3, 6
+    first = calls[0]["observation.state"]
+    assert first.shape == (1, 2, 6) and torch.equal(first[0, 0], first[0, 1])  # history padded at the start
+    batch = {k: np.stack([obs[k]] * 4) for k in obs}  # a batch of envs
+    policy.reset()
+    assert policy.select_action(batch).shape == (4, 2)
+
+
+def test_checkpoint_round_trip(detour_ds, tmp_path):
+    policy = BCPolicy.from_dataset(detour_ds, horizon=8, n_action_steps=4, hidden=32, layers=1)
+    fit(policy, detour_ds, steps=20, batch_size=32, progress=False)
+    obs = {"observation.state": torch.randn(3, 2, 6)}
+    path = policy.save(tmp_path / "p.ckpt")
+    loaded = labkit.load_policy(path)
+    assert isinstance(loaded, BCPolicy) and loaded.config == policy.config
+    torch.testing.assert_close(loaded.predict_action_chunk(obs), policy.predict_action_chunk(obs))
+    # The normaliser travels in the checkpoint: same statistics, not recomputed.
+    torch.testing.assert_close(loaded.normalizer.normalize("action", torch.ones(2)),
+                               policy.normalizer.normalize("action", torch.ones(2)))
+
+
+def test_lightning_checkpoint_loads_too(detour_ds, tmp_path):
+    import lightning as L
+
+    policy = BCPolicy.from_dataset(detour_ds, hidden=32, layers=1)
+    trainer = L.Trainer(max_steps=3, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=tmp_path)
+    trainer.fit(policy, train_dataloaders=labkit.policies.train.RandomBatches(window_tensors(policy, detour_ds), 8, 3))
+    trainer.save_checkpoint(tmp_path / "l.ckpt")
+    loaded = labkit.load_policy(tmp_path / "l.ckpt")
+    obs = {"observation.state": torch.randn(2, 2, 6)}
+    torch.testing.assert_close(loaded.predict_action_chunk(obs), policy.eval().predict_action_chunk(obs))
+
+
+def test_bad_checkpoints_and_inputs(detour_ds, tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        labkit.load_policy(tmp_path / "missing.ckpt")
+    (tmp_path / "junk.ckpt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="cannot read checkpoint"):
+        labkit.load_policy(tmp_path / "junk.ckpt")
+    torch.save({"state_dict": {}}, tmp_path / "other.ckpt")
+    with pytest.raises(ValueError, match="not a labkit policy"):
+        labkit.load_policy(tmp_path / "other.ckpt")
+    policy = BCPolicy.from_dataset(detour_ds, hidden=16, layers=1)
+    with pytest.raises(KeyError, match="state"):
+        policy.select_action({"proprio": np.zeros(4, np.float32)})
+    with pytest.raises(ValueError, match="shape"):
+        policy.select_action({"state": np.zeros(5, np.float32)})
+    with pytest.raises(ValueError, match="n_action_steps"):
+        BCPolicy.from_dataset(detour_ds, horizon=4, n_action_steps=8)
+
+
+def test_pixel_bc_trains(tmp_path):
+    env = gym.make("labkit/Detour-v0", obs_mode="pixels")
+    root = record(env, labkit.envs.expert(env), tmp_path / "px", episodes=2, seed=0, progress=False)
+    ds = load_dataset(root)
+    policy = BCPolicy.from_dataset(ds, obs_keys=("observation.images.top", "observation.proprio"),
+                                   horizon=4, n_action_steps=2, hidden=32, layers=1)
+    fit(policy, ds, steps=15, batch_size=16, progress=False)
+    assert np.isfinite(policy.losses()).all()
+    obs, _ = env.reset(seed=1)
+    policy.reset()
+    assert policy.select_action(obs).shape == (2,)
