@@ -124,15 +124,14 @@ def from_arrow(column: pa.ChunkedArray | pa.Array, shape: Iterable[int] | None =
 # ---- statistics: merged episode by episode, so recording never re-reads what it wrote ------------
 def episode_stats(values: np.ndarray, image: bool = False) -> dict[str, np.ndarray]:
     """min/max/mean/M2/count of one episode's feature; images are per channel, scaled to [0, 1]."""
-    if image:  # [L, H, W, C] uint8 -> per-channel over all pixels of all frames
+    if image:  # [L, H, W, C] uint8 -> per channel over all pixels of all frames
         x = values.reshape(-1, values.shape[-1]).astype(np.float64) / 255.0
-        count = len(values)
     else:
         x = values.reshape(len(values), -1).astype(np.float64)
-        count = len(values)
     mean = x.mean(axis=0)
+    # n counts the values averaged (pixels for images); count is the number of frames, as LeRobot.
     return {"min": x.min(axis=0), "max": x.max(axis=0), "mean": mean,
-            "m2": ((x - mean) ** 2).sum(axis=0), "n": np.float64(len(x)), "count": np.int64(count)}
+            "m2": ((x - mean) ** 2).sum(axis=0), "n": np.float64(len(x)), "count": np.int64(len(values))}
 
 
 def merge_stats(a: dict[str, np.ndarray] | None, b: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -92,7 +92,10 @@ def cell_id(notebook_name: str, index: int) -> str:
 def _clean(nb: NotebookNode, name: str) -> NotebookNode:
     """Strip outputs, execution counts and run metadata; set deterministic ids (in place)."""
     nb.nbformat, nb.nbformat_minor = 4, max(5, int(nb.get("nbformat_minor", 5)))
-    nb.metadata = nbformat.from_dict({k: nb.metadata[k] for k in _KEEP_NB_METADATA if k in nb.metadata})
+    meta = {k: nb.metadata[k] for k in _KEEP_NB_METADATA if k in nb.metadata}
+    if "name" in nb.metadata.get("language_info", {}):  # the language, not the machine's version
+        meta["language_info"] = {"name": nb.metadata.language_info.name}
+    nb.metadata = nbformat.from_dict(meta)
     for i, cell in enumerate(nb.cells):
         cell.id = cell_id(name, i)
         for key in _DROP_CELL_METADATA:
@@ -141,6 +144,10 @@ def generate(solutions_dir: str | Path = "solutions", out_dir: str | Path = "not
     With ``prune`` (default), student notebooks whose solution no longer exists are deleted.
     """
     solutions_dir, out_dir = Path(solutions_dir), Path(out_dir)
+    if not solutions_dir.is_dir() and any(out_dir.glob("*.ipynb")):
+        # Pruning against a missing folder would delete every student notebook.
+        raise FileNotFoundError(f"{solutions_dir}: no such folder of solution notebooks, but {out_dir}/ has "
+                                f"notebooks; run from the repository root or pass the right folders.")
     # Build every copy before writing any, so a marker error leaves notebooks/ untouched.
     texts = {out_dir / src.name: _student_text(src) for src in sorted(solutions_dir.glob("*.ipynb"))}
     written = []
@@ -218,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         for path in generate(args.solutions, args.out):
             print(f"wrote {path}")
         return 0
-    except ValueError as err:  # a marker error: name the notebook and cell, no traceback
+    except (ValueError, FileNotFoundError) as err:  # name the notebook and cell, no traceback
         print(f"error: {err}", file=sys.stderr)
         return 2
 

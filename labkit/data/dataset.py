@@ -1,0 +1,295 @@
+"""Load a LeRobotDataset v3 directory into memory as an `EpisodeDataset` of numpy arrays.
+
+    ds = load_dataset("datasets/detour")           # frames concatenated over episodes
+    ds.frames["action"], ds.episode(0), ds.select(range(10))
+    w = ds.windows(obs_horizon=2, horizon=16)       # Diffusion Policy style training samples
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+
+from labkit.data import format as fmt
+from labkit.data.format import DatasetError
+from labkit.data.normalize import Normalizer
+from labkit.data.recorder import features_from_spaces
+
+
+class EpisodeDataset:
+    """Episodes as arrays: `frames[key]` is [N, ...] over all frames, episode e is rows
+    `episode_from[e]:episode_to[e]`; `episodes[col]` holds per-episode metadata (success, seed, ...)."""
+
+    def __init__(self, frames: dict[str, np.ndarray], episode_from: np.ndarray, episode_to: np.ndarray,
+                 info: dict[str, Any], stats: dict[str, dict], episodes: dict[str, np.ndarray],
+                 tasks: list[str] | None = None, root: Path | None = None):
+        self.frames, self.info, self.stats, self.episodes = frames, info, stats, episodes
+        self.episode_from = np.asarray(episode_from, np.int64)
+        self.episode_to = np.asarray(episode_to, np.int64)
+        self.tasks, self.root = tasks or [], root
+
+    # ---- basic access -----------------------------------------------------------------------------
+    @property
+    def num_episodes(self) -> int:
+        return len(self.episode_from)
+
+    def __len__(self) -> int:
+        return int(self.episode_to[-1]) if self.num_episodes else 0
+
+    @property
+    def fps(self) -> float:
+        return float(self.info["fps"])
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return self.episode_to - self.episode_from
+
+    @property
+    def success_rate(self) -> float:
+        """Fraction of successful episodes (NaN when the dataset does not record success)."""
+        if "success" in self.episodes:
+            return float(np.mean(self.episodes["success"])) if self.num_episodes else float("nan")
+        if "next.success" in self.frames:
+            return float(np.mean([self.frames["next.success"][a:b].any() for a, b in zip(self.episode_from, self.episode_to, strict=True)]))
+        return float("nan")
+
+    def episode(self, i: int) -> dict[str, np.ndarray]:
+        """All frame arrays of the i-th episode of this dataset (0 <= i < num_episodes)."""
+        if not -self.num_episodes <= i < self.num_episodes:
+            raise IndexError(f"episode {i} out of range: the dataset has {self.num_episodes} episodes")
+        a, b = self.episode_from[i], self.episode_to[i]
+        return {k: v[a:b] for k, v in self.frames.items()}
+
+    def __repr__(self) -> str:
+        keys = ", ".join(f"{k}{tuple(v.shape[1:])}" for k, v in self.frames.items() if k.startswith(("observation", "action")))
+        return f"EpisodeDataset({self.num_episodes} episodes, {len(self)} frames, {self.fps:g} fps: {keys})"
+
+    # ---- subsets ----------------------------------------------------------------------------------
+    def select(self, episode_indices: Any) -> EpisodeDataset:
+        """A new dataset of the given episodes (positions in this dataset), e.g. a split or the first N demos.
+        Low-dim stats are recomputed on the subset; image stats are kept from the parent."""
+        idx = np.arange(self.num_episodes)[episode_indices] if isinstance(episode_indices, slice) \
+            else np.asarray(list(episode_indices) if not isinstance(episode_indices, np.ndarray) else episode_indices, np.int64)
+        if idx.size and (idx.min() < -self.num_episodes or idx.max() >= self.num_episodes):
+            raise IndexError(f"episode indices {idx.tolist()} out of range for {self.num_episodes} episodes")
+        lengths = self.lengths[idx]
+        to = np.cumsum(lengths)
+        start = to - lengths
+        # rows = concatenation of arange(from_e, to_e) over selected episodes, without a Python loop
+        rows = np.repeat(self.episode_from[idx] - start, lengths) + np.arange(int(to[-1]) if len(to) else 0)
+        frames = {k: v[rows] for k, v in self.frames.items()}
+        stats = {**copy.deepcopy(self.stats), **compute_stats(frames, self.info["features"], images=False)}
+        info = {**copy.deepcopy(self.info), "total_episodes": len(idx), "total_frames": int(len(rows)),
+                "splits": {"train": f"0:{len(idx)}"}}
+        episodes = {k: v[idx] for k, v in self.episodes.items()}
+        return EpisodeDataset(frames, start, to, info, stats, episodes, self.tasks, self.root)
+
+    # ---- training samples -------------------------------------------------------------------------
+    def window_indices(self, obs_horizon: int = 2, horizon: int = 16) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Frame indices for every sample t: observations t-obs_horizon+1..t clamped to the episode start,
+        actions t..t+horizon-1 clamped to its end, and the padding mask. Gather images lazily with these."""
+        if obs_horizon < 1 or horizon < 1:
+            raise ValueError(f"obs_horizon and horizon must be >= 1, got {obs_horizon}, {horizon}")
+        t = np.arange(len(self))
+        episode = np.repeat(np.arange(self.num_episodes), self.lengths)
+        first, last = self.episode_from[episode][:, None], self.episode_to[episode][:, None] - 1
+        obs_idx = np.maximum(t[:, None] + np.arange(1 - obs_horizon, 1), first)
+        act_idx = t[:, None] + np.arange(horizon)
+        is_pad = act_idx > last
+        return obs_idx, np.minimum(act_idx, last), is_pad
+
+    def windows(self, obs_horizon: int = 2, horizon: int = 16,
+                keys: tuple[str, ...] | list[str] = ("observation.state",)) -> dict[str, Any]:
+        """One sample per frame t: {"obs": {key: [N, obs_horizon, ...]}, "action": [N, horizon, A],
+        "action_is_pad": [N, horizon] bool, "index": [N]}. Before an episode starts its first frame is
+        repeated; past its end its last action is repeated (and marked as padding), as Diffusion Policy does."""
+        missing = [k for k in keys if k not in self.frames]
+        if missing:
+            raise DatasetError(f"windows(): no feature {missing} in this dataset; it has {sorted(self.frames)}")
+        obs_idx, act_idx, is_pad = self.window_indices(obs_horizon, horizon)
+        return {"obs": {k: self.frames[k][obs_idx] for k in keys}, "action": self.frames["action"][act_idx],
+                "action_is_pad": is_pad, "index": np.arange(len(self))}
+
+    def normalizer(self, modes: dict[str, str] | None = None) -> Normalizer:
+        """A `Normalizer` from this dataset's stats (action: min_max, low-dim observations: mean_std)."""
+        return Normalizer.from_stats(self.stats, modes)
+
+
+# ---- statistics -----------------------------------------------------------------------------------
+def compute_stats(frames: dict[str, np.ndarray], features: dict[str, dict], images: bool = True) -> dict[str, dict]:
+    """stats.json entries computed from in-memory frames (used by `select` and when stats.json is absent)."""
+    stats = {}
+    for key, values in frames.items():
+        spec = features.get(key, {"shape": list(values.shape[1:]) or [1]})
+        image = fmt.is_image(spec)
+        if (image and not images) or values.dtype.kind not in "biuf" or not len(values):
+            continue
+        stats[key] = fmt.finish_stats(fmt.episode_stats(values, image=image), spec["shape"], image=image)
+    return stats
+
+
+# ---- loading --------------------------------------------------------------------------------------
+def load_dataset(root: str | Path, env_id: str | None = None) -> EpisodeDataset:
+    """Load a LeRobotDataset v3 directory (recorded here or by LeRobot). With `env_id`, also check
+    that its features fit that env's spaces (`check_compatible`)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"no dataset at {root}: the directory does not exist (record one with labkit.data.record)")
+    info = fmt.read_json(root / fmt.INFO_PATH)
+    version = str(info.get("codebase_version", "?"))
+    if not version.startswith("v3"):
+        raise DatasetError(f"{root / fmt.INFO_PATH}: codebase_version {version} is not supported; labkit reads "
+                           "LeRobotDataset v3 (convert older datasets with LeRobot's v2.1 -> v3.0 script)")
+    features: dict[str, dict] = info["features"]
+    episodes = _read_episodes(root)
+    lengths = episodes["length"].astype(np.int64)
+    video_keys = [k for k, f in features.items() if f.get("dtype") == "video"]
+
+    # Frames: read each data file the episodes table points to; keep only committed episodes' rows.
+    tables = []
+    for chunk, file in dict.fromkeys(zip(episodes["data/chunk_index"].tolist(), episodes["data/file_index"].tolist(), strict=True)):
+        path = root / info.get("data_path", fmt.DATA_PATH).format(chunk_index=chunk, file_index=file)
+        tables.append((path, fmt.read_parquet(path, "data file")))
+    frames: dict[str, np.ndarray] = {}
+    columns = [k for k, f in features.items() if f.get("dtype") not in ("video", "image", "string")]
+    for key in columns:
+        parts = []
+        for path, table in tables:
+            if key not in table.column_names:
+                raise DatasetError(f"data file {path} has no column {key!r}, which meta/info.json lists as a feature")
+            parts.append(fmt.from_arrow(table.column(key), features[key]["shape"]))
+        frames[key] = np.concatenate(parts)
+    order = np.argsort(frames["index"], kind="stable")
+    keep = order[np.isin(frames["episode_index"][order], episodes["episode_index"])]
+    frames = {k: v[keep] for k, v in frames.items()}
+    expected = np.repeat(episodes["episode_index"], lengths)
+    if len(expected) != len(frames["episode_index"]) or not np.array_equal(expected, frames["episode_index"]):
+        raise DatasetError(f"data files under {root / 'data'} do not match meta/episodes: expected "
+                           f"{len(expected)} frames of episodes {episodes['episode_index'].tolist()}, "
+                           f"found {len(frames['episode_index'])}; the dataset is corrupt")
+    for key in video_keys:
+        frames[key] = _load_video(root, info, key, episodes, lengths)
+    for key in [k for k, f in features.items() if f.get("dtype") == "image"]:  # LeRobot's PNG-in-Parquet
+        frames[key] = _load_images(tables, key)[keep]
+
+    stats_path = root / fmt.STATS_PATH
+    stats = fmt.read_json(stats_path) if stats_path.is_file() else compute_stats(frames, features)
+    tasks = _read_tasks(root)
+    to = np.cumsum(lengths)
+    ds = EpisodeDataset(frames, to - lengths, to, info, stats, episodes, tasks, root)
+    if env_id is not None:
+        extra = info.get("labkit") or {}
+        kwargs = extra.get("env_kwargs", {}) if extra.get("env_id") == env_id else {}
+        if any(fmt.is_image(f) for f in features.values()) and "obs_mode" not in kwargs:
+            kwargs = {**kwargs, "obs_mode": "pixels"}
+        env = gym.make(env_id, **kwargs)
+        try:
+            check_compatible(ds, env)
+        finally:
+            env.close()
+    return ds
+
+
+def _read_episodes(root: Path) -> dict[str, np.ndarray]:
+    import pyarrow as pa
+
+    paths = sorted((root / "meta" / "episodes").glob("chunk-*/file-*.parquet"))
+    if not paths:
+        raise DatasetError(f"missing episodes table {root / fmt.EPISODES_PATH.format(chunk_index=0, file_index=0)}"
+                           " (no episode was saved, or the dataset is not LeRobotDataset v3)")
+    table = pa.concat_tables([fmt.read_parquet(p, "episodes table") for p in paths], promote_options="permissive")
+    table = table.sort_by("episode_index")
+    out = {}
+    for name in table.column_names:
+        col = table.column(name)
+        if name.startswith("stats/"):  # LeRobot's per-episode stats: not needed in memory
+            continue
+        if name == "tasks":  # a list of task strings per episode
+            out[name] = np.empty(len(col), dtype=object)
+            out[name][:] = col.to_pylist()
+        else:
+            out[name] = fmt.from_arrow(col)
+    if "seed" in out and out["seed"].dtype == object:
+        out["seed"] = np.array([-1 if s is None else s for s in out["seed"]], np.int64)
+    return out
+
+
+def _read_tasks(root: Path) -> list[str]:
+    path = root / fmt.TASKS_PATH
+    if not path.is_file():
+        return []
+    table = fmt.read_parquet(path, "tasks table")
+    name = next((c for c in ("task", "__index_level_0__") if c in table.column_names), None)
+    if name is None:
+        return []
+    tasks = table.column(name).to_pylist()
+    index = table.column("task_index").to_pylist() if "task_index" in table.column_names else range(len(tasks))
+    return [t for _, t in sorted(zip(index, tasks, strict=True))]
+
+
+def _load_images(tables: list, key: str) -> np.ndarray:
+    """Decode an `image` feature (a struct of encoded bytes per row, as LeRobot stores them) to uint8."""
+    import imageio.v3 as iio
+
+    images = []
+    for path, table in tables:
+        if key not in table.column_names:
+            raise DatasetError(f"data file {path} has no column {key!r}, which meta/info.json lists as a feature")
+        for cell in table.column(key).to_pylist():
+            data = cell.get("bytes") if isinstance(cell, dict) else cell
+            if data is None:
+                raise DatasetError(f"data file {path}: an image of {key!r} has no embedded bytes")
+            images.append(iio.imread(data))
+    return np.stack(images)
+
+
+def _load_video(root: Path, info: dict, key: str, episodes: dict[str, np.ndarray], lengths: np.ndarray) -> np.ndarray:
+    """Decode each video file once and cut every episode out of it by its from_timestamp."""
+    fps = float(info["fps"])
+    template = info.get("video_path") or fmt.VIDEO_PATH
+    decoded: dict[Path, np.ndarray] = {}
+    parts = []
+    for e in range(len(lengths)):
+        chunk, file = int(episodes[f"videos/{key}/chunk_index"][e]), int(episodes[f"videos/{key}/file_index"][e])
+        path = root / template.format(video_key=key, chunk_index=chunk, file_index=file)
+        if path not in decoded:
+            decoded[path] = fmt.read_video(path)
+        start = int(round(float(episodes[f"videos/{key}/from_timestamp"][e]) * fps))
+        clip = decoded[path][start:start + lengths[e]]
+        if len(clip) != lengths[e]:
+            raise DatasetError(f"video file {path} has {len(decoded[path])} frames, too few for episode "
+                               f"{episodes['episode_index'][e]} (frames {start}..{start + lengths[e]}); it is truncated or corrupt")
+        parts.append(clip)
+    return np.concatenate(parts)
+
+
+# ---- compatibility --------------------------------------------------------------------------------
+def check_compatible(ds: EpisodeDataset, env: gym.Env | str) -> None:
+    """Raise DatasetError unless the dataset's action and the observations it shares with `env` have the
+    env's shapes. Observations the env does not produce (e.g. pixels for a state-only env) are not required."""
+    own = isinstance(env, str)
+    if own:
+        env = gym.make(env)
+    try:
+        name = getattr(getattr(env, "spec", None), "id", None) or type(env).__name__
+        camera = getattr(getattr(env, "unwrapped", env), "camera", "top") or "top"
+        env_features = features_from_spaces(env.observation_space, env.action_space, ds.fps, camera)
+    finally:
+        if own:
+            env.close()
+    data_features = ds.info["features"]
+    if "action" not in data_features:
+        raise DatasetError(f"dataset at {ds.root} has no 'action' feature, so it cannot train a policy for {name}")
+    shared = [k for k in env_features if k in data_features]
+    if shared == ["action"]:
+        raise DatasetError(f"dataset features {sorted(data_features)} share no observation with env {name} "
+                           f"({sorted(k for k in env_features if k != 'action')})")
+    for key in shared:
+        have, want = tuple(data_features[key]["shape"]), tuple(env_features[key]["shape"])
+        if have != want:
+            raise DatasetError(f"feature {key!r}: the dataset has shape {have} but env {name} gives {want}; "
+                               "record the dataset with this env (or its env kwargs) again")

@@ -1,0 +1,133 @@
+"""Helpers for the notebook regression tests: run a notebook with papermill, find the cell that
+failed, and check recorded metrics against their bars. Used by test_notebooks.py and test_teach.py."""
+
+from __future__ import annotations
+
+import operator
+import os
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import nbformat
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SOLUTIONS = REPO_ROOT / "solutions"
+NOTEBOOKS = REPO_ROOT / "notebooks"
+FAST_PARAMETERS = {"FAST": True, "SEED": 0}
+# Tags of the cells papermill inserts: the injected parameters and, after an error, two banners.
+PAPERMILL_TAGS = {"injected-parameters", "papermill-error-cell-tag"}
+
+_OPS = {">=": operator.ge, "<=": operator.le, "==": operator.eq, ">": operator.gt, "<": operator.lt}
+
+
+@contextmanager
+def _env(name: str, value: str | None) -> Iterator[None]:
+    """Set (or unset) an environment variable for the duration of the block."""
+    old = os.environ.get(name)
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
+
+
+def run_notebook(src: Path, out: Path, metrics_path: Path | None = None,
+                 parameters: Mapping[str, Any] | None = None, cwd: Path = REPO_ROOT,
+                 cell_timeout: int = 600) -> nbformat.NotebookNode:
+    """Execute ``src`` with papermill into ``out`` and return the executed notebook.
+
+    ``LABKIT_METRICS`` is set to ``metrics_path`` while the kernel starts (it inherits the
+    environment), so ``labkit.teach.record`` writes there. Raises papermill's
+    ``PapermillExecutionError`` when a cell fails; ``out`` is written either way.
+    """
+    import papermill
+
+    with _env("LABKIT_METRICS", str(metrics_path) if metrics_path else None):
+        return papermill.execute_notebook(
+            str(src), str(out),
+            parameters=dict(FAST_PARAMETERS if parameters is None else parameters),
+            kernel_name="python3", language="python", cwd=str(cwd), progress_bar=False, log_output=False,
+            execution_timeout=cell_timeout,
+        )
+
+
+def source_cells(executed: nbformat.NotebookNode) -> list[nbformat.NotebookNode]:
+    """The executed notebook's cells without those papermill inserted, so index i is cell i of
+    the source notebook."""
+    return [c for c in executed.cells if not PAPERMILL_TAGS & set(c.get("metadata", {}).get("tags", []))]
+
+
+def _has_error(cell: nbformat.NotebookNode) -> bool:
+    if cell.cell_type != "code":
+        return False
+    if any(o.get("output_type") == "error" for o in cell.get("outputs", [])):
+        return True
+    return cell.get("metadata", {}).get("papermill", {}).get("exception") is True
+
+
+def failing_cell_index(executed: nbformat.NotebookNode) -> int | None:
+    """Index, in the source notebook, of the first cell that raised; None when none did."""
+    for i, cell in enumerate(source_cells(executed)):
+        if _has_error(cell):
+            return i
+    return None
+
+
+def cell_error(executed: nbformat.NotebookNode, index: int) -> dict[str, Any] | None:
+    """The error output (ename, evalue, traceback) of source cell ``index``, if it has one."""
+    cell = source_cells(executed)[index]
+    return next((dict(o) for o in cell.get("outputs", []) if o.get("output_type") == "error"), None)
+
+
+def first_stub_cell(nb: nbformat.NotebookNode) -> int | None:
+    """Index of the first code cell whose source contains the student stub."""
+    for i, cell in enumerate(nb.cells):
+        if cell.cell_type == "code" and "raise NotImplementedError()" in cell.source:
+            return i
+    return None
+
+
+def _meets(value: Any, op: str, bar: Any) -> bool:
+    if op == "between":
+        lo, hi = bar
+        return lo <= value <= hi
+    if op not in _OPS:
+        raise ValueError(f"unknown bar op {op!r}; use one of {sorted(_OPS) + ['between']}")
+    return bool(_OPS[op](value, bar))
+
+
+def assert_bars(notebook: str, metrics: Mapping[str, Any], bars: Mapping[str, tuple]) -> None:
+    """Assert every bar ``{metric: (op, bar)}`` holds, listing every miss and every unrecorded metric."""
+    problems = []
+    for name, (op, bar) in bars.items():
+        if name not in metrics:
+            problems.append(f"{name}: not recorded (did the notebook call labkit.teach.record({name!r}, ...)?)")
+        elif not _meets(metrics[name], op, bar):
+            shown = f"between {bar[0]} and {bar[1]}" if op == "between" else f"{op} {bar!r}"
+            problems.append(f"{name} = {metrics[name]!r}, expected {shown}")
+    assert not problems, f"{notebook}: " + "; ".join(problems) + f"\n(all recorded metrics: {dict(metrics)})"
+
+
+def assert_fails_at(executed: nbformat.NotebookNode, stub: int, label: str) -> None:
+    """The first error is a NotImplementedError in source cell ``stub``, and every (non-empty)
+    code cell before it ran without error."""
+    failed = failing_cell_index(executed)
+    assert failed == stub, (
+        f"{label}: first error in cell {failed}, expected the first exercise cell {stub}. Call the "
+        f"exercise (or its check) in the same cell as its solution markers, and make sure the "
+        f"cells before it run."
+    )
+    error = cell_error(executed, stub)
+    assert error is not None and error["ename"] == "NotImplementedError", f"{label}: cell {stub} raised {error}"
+    for i, cell in enumerate(source_cells(executed)[:stub]):
+        if cell.cell_type == "code" and cell.source.strip():
+            assert cell.execution_count is not None, f"{label}: cell {i} did not run"
+            assert not _has_error(cell), f"{label}: cell {i} failed"

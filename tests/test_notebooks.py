@@ -1,0 +1,86 @@
+"""Notebook regression: student copies are in sync, nothing is committed with outputs, every
+solution notebook runs in FAST mode and meets its bars, and every student copy stops at its first
+exercise.
+
+Each lesson needs an entry in BARS: ``{metric_name: (op, bar)}`` with op one of ">=", "<=", "==",
+"between" (bar = (lo, hi)). Metrics come from ``labkit.teach.record`` calls in the notebook.
+"""
+
+from __future__ import annotations
+
+import nbformat
+import pytest
+from notebook_utils import (
+    NOTEBOOKS,
+    SOLUTIONS,
+    assert_bars,
+    assert_fails_at,
+    first_stub_cell,
+    run_notebook,
+)
+
+from labkit.teach import load_metrics, stale
+
+# What each solution notebook must achieve in FAST mode (SEED=0). Keyed by file stem.
+BARS: dict[str, dict[str, tuple]] = {}
+
+SOLUTION_NAMES = sorted(p.stem for p in SOLUTIONS.glob("*.ipynb"))
+ALL_NOTEBOOKS = sorted([*SOLUTIONS.glob("*.ipynb"), *NOTEBOOKS.glob("*.ipynb")])
+
+
+def test_student_notebooks_in_sync():
+    out_of_date = stale(SOLUTIONS, NOTEBOOKS)
+    assert out_of_date == [], (
+        f"student notebooks out of sync with solutions/: {out_of_date}. "
+        "Run `make student` (python -m labkit.teach.student) and commit notebooks/."
+    )
+
+
+def test_no_committed_outputs():
+    problems = []
+    for path in ALL_NOTEBOOKS:
+        nb = nbformat.read(path, as_version=4)
+        rel = path.relative_to(path.parents[1])
+        for i, cell in enumerate(nb.cells):
+            if cell.cell_type == "code" and (cell.outputs or cell.execution_count is not None):
+                problems.append(f"{rel} cell {i}: has outputs or an execution count")
+        params = [c for c in nb.cells if "parameters" in c.get("metadata", {}).get("tags", [])]
+        if len(params) != 1:
+            problems.append(f"{rel}: {len(params)} cells tagged 'parameters', expected exactly 1")
+        elif "FAST" not in params[0].source:
+            problems.append(f"{rel}: the 'parameters' cell does not define FAST")
+    assert not problems, "\n".join(problems) + "\nRun `make student` to strip outputs."
+
+
+@pytest.mark.notebook
+@pytest.mark.parametrize("name", SOLUTION_NAMES)
+def test_solution_notebook(name, tmp_path):
+    metrics_path = tmp_path / "metrics.json"
+    run_notebook(SOLUTIONS / f"{name}.ipynb", tmp_path / f"{name}.ipynb", metrics_path)
+    metrics = load_metrics(metrics_path)
+    if name not in BARS:
+        pytest.fail(f"{name}: add bars for this notebook to BARS in tests/test_notebooks.py "
+                    f"(recorded metrics: {metrics})")
+    assert_bars(name, metrics, BARS[name])
+
+
+@pytest.mark.notebook
+@pytest.mark.parametrize("name", SOLUTION_NAMES)
+def test_student_notebook_fails_at_first_exercise(name, tmp_path):
+    from papermill.exceptions import PapermillExecutionError
+
+    src = NOTEBOOKS / f"{name}.ipynb"
+    if not src.exists():
+        pytest.fail(f"{src.name}: no student copy in notebooks/; run `make student`")
+    stub = first_stub_cell(nbformat.read(src, as_version=4))
+    assert stub is not None, f"{src.name}: no exercise (no `raise NotImplementedError()` cell)"
+    out = tmp_path / f"{name}.ipynb"
+    with pytest.raises(PapermillExecutionError) as err:
+        run_notebook(src, out, tmp_path / "metrics.json")
+    assert err.value.ename == "NotImplementedError", (
+        f"{src.name}: expected NotImplementedError from the first exercise, got "
+        f"{err.value.ename}: {err.value.evalue}"
+    )
+    executed = nbformat.read(out, as_version=4)
+    assert_fails_at(executed, stub, src.name)
+
