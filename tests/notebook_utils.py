@@ -116,18 +116,24 @@ def assert_bars(notebook: str, metrics: Mapping[str, Any], bars: Mapping[str, tu
     assert not problems, f"{notebook}: " + "; ".join(problems) + f"\n(all recorded metrics: {dict(metrics)})"
 
 
-def assert_fails_at(executed: nbformat.NotebookNode, stub: int, label: str) -> None:
-    """The first error is a NotImplementedError in source cell ``stub``, and every (non-empty)
-    code cell before it ran without error."""
+def stub_cells(nb: nbformat.NotebookNode) -> list[int]:
+    """Indices of all code cells holding a student stub."""
+    return [i for i, c in enumerate(nb.cells) if c.cell_type == "code" and "raise NotImplementedError()" in c.source]
+
+
+def assert_fails_at(executed: nbformat.NotebookNode, stub: int, label: str, next_stub: int | None = None) -> None:
+    """The first error is a NotImplementedError raised by the first exercise: in its own cell or in a
+    later cell that calls it (its check), but before the next exercise; every code cell before the
+    failing one ran without error."""
     failed = failing_cell_index(executed)
-    assert failed == stub, (
-        f"{label}: first error in cell {failed}, expected the first exercise cell {stub}. Call the "
-        f"exercise (or its check) in the same cell as its solution markers, and make sure the "
-        f"cells before it run."
+    upper = next_stub if next_stub is not None else stub + 1
+    assert failed is not None and stub <= failed < upper, (
+        f"{label}: first error in cell {failed}, expected the first exercise (cell {stub}) or its check "
+        f"(before cell {upper}). Make sure the cells before the exercise run and the check follows it."
     )
-    error = cell_error(executed, stub)
-    assert error is not None and error["ename"] == "NotImplementedError", f"{label}: cell {stub} raised {error}"
-    for i, cell in enumerate(source_cells(executed)[:stub]):
+    error = cell_error(executed, failed)
+    assert error is not None and error["ename"] == "NotImplementedError", f"{label}: cell {failed} raised {error}"
+    for i, cell in enumerate(source_cells(executed)[:failed]):
         if cell.cell_type == "code" and cell.source.strip():
             assert cell.execution_count is not None, f"{label}: cell {i} did not run"
             assert not _has_error(cell), f"{label}: cell {i} failed"

@@ -16,6 +16,7 @@ from notebook_utils import (
     assert_bars,
     assert_fails_at,
     first_stub_cell,
+    stub_cells,
     run_notebook,
 )
 
@@ -82,5 +83,6 @@ def test_student_notebook_fails_at_first_exercise(name, tmp_path):
         f"{err.value.ename}: {err.value.evalue}"
     )
     executed = nbformat.read(out, as_version=4)
-    assert_fails_at(executed, stub, src.name)
+    stubs = stub_cells(nbformat.read(src, as_version=4))
+    assert_fails_at(executed, stub, src.name, stubs[1] if len(stubs) > 1 else None)
 

@@ -1,0 +1,396 @@
+"""`labkit/PushT-v0`: push a T-shaped block into a fixed target pose with a round pusher.
+
+A MuJoCo remake of the Diffusion Policy benchmark task. The block slides on a floor with Coulomb
+friction, so it moves only while pushed (quasi-static pushing) and stops when left alone.
+
+Action: the TARGET position (x, y) of the pusher in metres, inside the workspace [-0.25, 0.25]^2,
+tracked by position (PD) actuators. 10 Hz control, 300 steps at most.
+
+Observation `state` (12-D, metres):
+    0-1   pusher x, y
+    2-3   block centre x, y (the T's centroid)
+    4-5   block angle as cos, sin
+    6-11  three block keypoints in the world frame: left end of the bar, right end of the bar,
+          tip of the stem (with these the pose is unambiguous and continuous)
+`proprio` (4-D): pusher x, y, vx, vy.
+
+`info["coverage"]` is the fraction of the target T covered by the block; success is coverage >= 0.95.
+The dense reward is the coverage itself (in [0, 1]); the sparse reward is 1 on success.
+"""
+
+from __future__ import annotations
+
+import mujoco
+import numpy as np
+from gymnasium import spaces
+
+from labkit.envs.base import MujocoTask
+
+WORKSPACE = 0.25  # half-width of the square the pusher may be commanded to (m)
+# The T in its own frame, origin at its centroid: a bar (top) and a stem, as (centre, half-size).
+BAR = (np.array([0.0, 0.0375]), np.array([0.06, 0.015]))
+STEM = (np.array([0.0, -0.0375]), np.array([0.015, 0.06]))
+KEYPOINTS = np.array([[-0.06, 0.0525], [0.06, 0.0525], [0.0, -0.0975]])
+TARGET = np.array([0.0, 0.0, np.pi / 4])  # x, y, angle of the target pose
+PUSHER_R = 0.015
+HALF_H = 0.01  # half-height of the block
+SUCCESS_COVERAGE = 0.95
+
+
+def _box_geoms(name: str, rgba: str, z: float, hz: float, extra: str = "") -> str:
+    return "\n".join(
+        f'<geom name="{name}_{part}" type="box" pos="{c[0]} {c[1]} {z}" size="{h[0]} {h[1]} {hz}" '
+        f'rgba="{rgba}" {extra}/>'
+        for part, (c, h) in (("bar", BAR), ("stem", STEM))
+    )
+
+
+XML = f"""
+<mujoco model="pusht">
+  <compiler angle="radian"/>
+  <option timestep="0.01" integrator="implicitfast"/>
+  <visual>
+    <quality shadowsize="0"/><global offwidth="640" offheight="640"/>
+    <headlight ambient=".5 .5 .5" diffuse=".5 .5 .5" specular="0 0 0"/>
+  </visual>
+  <worldbody>
+    <camera name="top" pos="0 0 0.66" xyaxes="1 0 0 0 1 0" fovy="45"/>
+    <geom name="floor" type="plane" size=".4 .4 .05" rgba=".93 .93 .93 1" friction="0.5 0.005 0.0001"
+          contype="1" conaffinity="1"/>
+    <body name="target" pos="{TARGET[0]} {TARGET[1]} 0" euler="0 0 {TARGET[2]}">
+      {_box_geoms("target", ".55 .87 .55 1", 0.0005, 0.0005, 'contype="0" conaffinity="0"')}
+    </body>
+    <body name="block" pos="0 0 {HALF_H}">
+      <joint name="bx" type="slide" axis="1 0 0" damping="0.2"/>
+      <joint name="by" type="slide" axis="0 1 0" damping="0.2"/>
+      <joint name="bz" type="slide" axis="0 0 1"/>
+      <joint name="bt" type="hinge" axis="0 0 1" damping="0.002"/>
+      {_box_geoms("block", ".45 .52 .62 1", 0, HALF_H, 'mass="0.05" contype="1" conaffinity="3"')}
+    </body>
+    <body name="pusher" pos="0 0 {HALF_H + 0.002}">
+      <joint name="px" type="slide" axis="1 0 0" damping="28"/>
+      <joint name="py" type="slide" axis="0 1 0" damping="28"/>
+      <geom name="pusher" type="cylinder" size="{PUSHER_R} {HALF_H}" mass="0.5" rgba=".25 .41 .88 1"
+            contype="2" conaffinity="2" priority="1" friction="0.2 0.005 0.0001"/>
+    </body>
+  </worldbody>
+  <actuator>
+    <position name="ax" joint="px" kp="400" ctrlrange="-{WORKSPACE} {WORKSPACE}"/>
+    <position name="ay" joint="py" kp="400" ctrlrange="-{WORKSPACE} {WORKSPACE}"/>
+  </actuator>
+</mujoco>
+"""
+
+
+def _grid(spacing: float = 0.0025) -> np.ndarray:
+    """Sample points filling the T (in its own frame) at the centres of a regular grid."""
+    pts = []
+    for c, h in (BAR, STEM):
+        xs = np.arange(-h[0] + spacing / 2, h[0], spacing) + c[0]
+        ys = np.arange(-h[1] + spacing / 2, h[1], spacing) + c[1]
+        pts.append(np.stack(np.meshgrid(xs, ys), -1).reshape(-1, 2))
+    return np.concatenate(pts)
+
+
+T_POINTS = _grid()
+
+
+def rot(theta: float) -> np.ndarray:
+    c, s = np.cos(theta), np.sin(theta)
+    return np.array([[c, -s], [s, c]])
+
+
+def to_world(pose: np.ndarray, pts: np.ndarray) -> np.ndarray:
+    """Points given in the frame of a T at `pose` (x, y, angle) -> world coordinates."""
+    return pts @ rot(pose[2]).T + pose[:2]
+
+
+def inside_t(pts: np.ndarray) -> np.ndarray:
+    """Which points (in the T's own frame) lie inside the T."""
+    inside = np.zeros(len(pts), bool)
+    for c, h in (BAR, STEM):
+        inside |= np.all(np.abs(pts - c) <= h, axis=1)
+    return inside
+
+
+def coverage(block_pose: np.ndarray, target_pose: np.ndarray = TARGET) -> float:
+    """Fraction of the target T's area covered by the block's T (both T's have the same area)."""
+    world = to_world(target_pose, T_POINTS)
+    local = (world - block_pose[:2]) @ rot(block_pose[2])  # world -> block frame
+    return float(inside_t(local).mean())
+
+
+class PushTEnv(MujocoTask):
+    """Push the T block onto the green target T; success when 95% of the target is covered."""
+
+    xml = XML
+    frame_skip = 10
+    state_dim = 12
+    proprio_dim = 4
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._bq = self.model.joint("bx").qposadr[0]  # block qpos: x, y, z, angle
+        self._pq = self.model.joint("px").qposadr[0]  # pusher qpos: x, y
+        self._pv = self.model.joint("px").dofadr[0]
+
+    def _action_space(self) -> spaces.Box:
+        return spaces.Box(-WORKSPACE, WORKSPACE, (2,), np.float32)
+
+    def block_pose(self) -> np.ndarray:
+        """(x, y, angle) of the block, angle wrapped to (-pi, pi]."""
+        x, y, _, t = self.data.qpos[self._bq : self._bq + 4]
+        return np.array([x, y, np.arctan2(np.sin(t), np.cos(t))])
+
+    def pusher_pos(self) -> np.ndarray:
+        return self.data.qpos[self._pq : self._pq + 2].copy()
+
+    def _reset_task(self, rng, options):
+        # The block starts well away from the target (little coverage), at a random angle.
+        while True:
+            pose = np.array([*rng.uniform(-0.12, 0.12, 2), rng.uniform(-np.pi, np.pi)])
+            if coverage(pose) < 0.3:
+                break
+        # The pusher starts anywhere in the workspace not touching the block.
+        while True:
+            pusher = rng.uniform(-0.2, 0.2, 2)
+            local = (pusher - pose[:2]) @ rot(pose[2])
+            if signed_distance(local)[0] > PUSHER_R + 0.02:
+                break
+        q = self.data.qpos
+        q[self._bq : self._bq + 4] = [pose[0], pose[1], 0.0, pose[2]]
+        q[self._pq : self._pq + 2] = pusher
+        self.data.ctrl[:] = pusher
+
+    def _apply_action(self, action):
+        self.data.ctrl[:] = action
+
+    def _state(self):
+        pose = self.block_pose()
+        kp = to_world(pose, KEYPOINTS).ravel()
+        return np.concatenate([self.pusher_pos(), pose[:2], [np.cos(pose[2]), np.sin(pose[2])], kp])
+
+    def _proprio(self):
+        return np.concatenate([self.pusher_pos(), self.data.qvel[self._pv : self._pv + 2]])
+
+    def _evaluate(self):
+        cov = coverage(self.block_pose())
+        return cov >= SUCCESS_COVERAGE, cov, {"coverage": cov}
+
+    def set_block_pose(self, pose, pusher=None) -> None:
+        """Place the block at (x, y, angle), and the pusher at (x, y) if given, at rest (for tests
+        and teaching)."""
+        self.data.qpos[self._bq : self._bq + 4] = [pose[0], pose[1], 0.0, pose[2]]
+        if pusher is not None:
+            self.data.qpos[self._pq : self._pq + 2] = self.data.ctrl[:] = pusher
+        self.data.qvel[:] = 0
+        mujoco.mj_forward(self.model, self.data)
+
+
+def signed_distance(local: np.ndarray) -> np.ndarray:
+    """Signed distance from points (in the T's frame) to the T's boundary; negative inside."""
+    local = np.atleast_2d(local)
+    dists = []
+    for c, h in (BAR, STEM):
+        q = np.abs(local - c) - h
+        outside = np.linalg.norm(np.maximum(q, 0), axis=1)
+        dists.append(outside + np.minimum(q.max(axis=1), 0))
+    return np.minimum(*dists)
+
+
+def _contact_candidates(spacing: float = 0.005) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Points on the T's boundary the pusher can reach, their outward normals and which part
+    (0 = bar, 1 = stem) they lie on. Points too close to a corner, or inside the notches under
+    the bar where the round pusher would touch two faces, are left out."""
+    m = 0.004  # margin from convex corners
+    reach = PUSHER_R + 0.002  # how far from a concave corner the pusher's centre can come
+    edges = [  # (start, end, normal, part)
+        ((-0.06 + m, 0.0525), (0.06 - m, 0.0525), (0, 1), 0),
+        ((-0.06, 0.0225 + m), (-0.06, 0.0525 - m), (-1, 0), 0),
+        ((0.06, 0.0225 + m), (0.06, 0.0525 - m), (1, 0), 0),
+        ((-0.06 + m, 0.0225), (-0.015 - reach - PUSHER_R, 0.0225), (0, -1), 0),
+        ((0.015 + reach + PUSHER_R, 0.0225), (0.06 - m, 0.0225), (0, -1), 0),
+        ((-0.015, -0.0975 + m), (-0.015, 0.0225 - reach - PUSHER_R), (-1, 0), 1),
+        ((0.015, -0.0975 + m), (0.015, 0.0225 - reach - PUSHER_R), (1, 0), 1),
+        ((-0.015 + m, -0.0975), (0.015 - m, -0.0975), (0, -1), 1),
+    ]
+    pts, normals, parts = [], [], []
+    for a, b, n, part in edges:
+        a, b = np.array(a), np.array(b)
+        k = max(2, int(np.ceil(np.linalg.norm(b - a) / spacing)) + 1)
+        for t in np.linspace(0, 1, k):
+            pts.append(a + t * (b - a)), normals.append(n), parts.append(part)
+    return np.array(pts), np.array(normals, float), np.array(parts)
+
+
+def _ring(n: int = 180, clearance: float = PUSHER_R + 0.008) -> np.ndarray:
+    """Radius, at n angles about the centroid, of a closed path that keeps the pusher clear of
+    the block: the T's convex hull grown by `clearance` (found by bisection along each ray)."""
+    hull = np.array([[-0.06, 0.0525], [0.06, 0.0525], [0.06, 0.0225],  # corners of the T's convex hull
+                     [0.015, -0.0975], [-0.015, -0.0975], [-0.06, 0.0225]])  # fmt: skip
+    edges = np.roll(hull, -1, axis=0) - hull
+
+    def dist_to_hull(q):  # distance from points outside the hull to it
+        t = np.clip(np.einsum("nek,ek->ne", q[:, None] - hull, edges) / (edges**2).sum(1), 0, 1)
+        nearest = hull + t[..., None] * edges
+        return np.linalg.norm(q[:, None] - nearest, axis=2).min(1)
+
+    angles = np.linspace(-np.pi, np.pi, n, endpoint=False)
+    dirs = np.column_stack([np.cos(angles), np.sin(angles)])
+    lo, hi = np.zeros(n), np.full(n, 0.3)
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        q = dirs * mid[:, None]
+        outside = (dist_to_hull(q) >= clearance) & (signed_distance(q) > 0)
+        lo, hi = np.where(outside, lo, mid), np.where(outside, mid, hi)
+    return hi
+
+
+RING = _ring()
+
+
+def ring(angle: float) -> np.ndarray:
+    """The point of the safe ring round the block (block frame) at `angle`, interpolated."""
+    n = len(RING)
+    k = (angle + np.pi) / (2 * np.pi) * n
+    i, frac = int(np.floor(k)) % n, k - np.floor(k)
+    r = RING[i] * (1 - frac) + RING[(i + 1) % n] * frac
+    return r * np.array([np.cos(angle), np.sin(angle)])
+
+
+class PushTExpert:
+    """Scripted closed-loop pushing expert; deterministic given `reset(seed)`.
+
+    Every step it predicts, for each reachable point on the block's boundary, how pushing there
+    would move the block (quasi-static pushing with an ellipsoidal limit surface: the block moves
+    along the force and turns with its moment). It picks the contact that removes pose error
+    fastest, counting the time to walk the pusher round the block to it, walks there without
+    touching the block, then pushes, re-planning every step. It reads the block pose from
+    `env.unwrapped` (privileged state).
+
+    Two strategies, drawn ~50/50 per episode (`self.mode`): "bar" favours contacts on the T's bar,
+    "stem" favours the stem (and each circles the block its own way when both ways are equally
+    long). Both succeed; together they make the demonstrations multimodal.
+    """
+
+    MODES = ("bar", "stem")
+    RHO = 0.07  # limit-surface radius: rotation per unit moment (m), measured in this model
+    L = 0.06  # length that weighs angle error against position error (m)
+    DEPTHS = np.geomspace(0.002, 0.15, 16)  # pusher travels considered for one push (m)
+
+    def __init__(
+        self,
+        env,
+        noise: float = 0.0005,
+        max_step: float = 0.02,
+        max_push: float = 0.02,
+        preference: float = 1.0,
+        switch: float = 2.0,
+    ):
+        self.env = env.unwrapped
+        self.noise, self.max_step, self.max_push = noise, max_step, max_push
+        self.preference, self.switch = preference, switch
+        self.cand, self.normals, self.parts = _contact_candidates()
+        # Block motion (body frame) per metre of pusher travel through each contact.
+        f = -self.normals
+        m = self.cand[:, 0] * f[:, 1] - self.cand[:, 1] * f[:, 0]
+        k = 1 / (1 + m**2 / self.RHO**2)
+        self.v, self.w = f * k[:, None], m / self.RHO**2 * k
+        self.reset()
+
+    def reset(self, seed: int | None = None):
+        self.rng = np.random.default_rng(seed)
+        self.mode = self.MODES[int(self.rng.integers(2))]
+        self.current: int | None = None  # index of the contact being approached or pushed
+        self.pushing = False  # lined up behind the current contact and pushing through it
+
+    # ---- the plan ------------------------------------------------------------------------------
+    def _gains(self, pose: np.ndarray) -> np.ndarray:
+        """Predicted drop of the weighted pose error after pushing each contact (rows) by each of
+        DEPTHS (columns), integrating the constant body twist exactly (an SE(2) arc)."""
+        th = self.w[:, None] * self.DEPTHS  # (N, D) rotation
+        small = np.abs(th) < 1e-6
+        a = np.where(small, 1.0, np.sin(th) / np.where(small, 1, th))
+        b = np.where(small, 0.0, (1 - np.cos(th)) / np.where(small, 1, th))
+        vx, vy = self.v[:, :1] * self.DEPTHS, self.v[:, 1:] * self.DEPTHS
+        dx, dy = a * vx - b * vy, b * vx + a * vy  # body-frame displacement
+        c, s = np.cos(pose[2]), np.sin(pose[2])
+        ex = TARGET[0] - pose[0] - (c * dx - s * dy)
+        ey = TARGET[1] - pose[1] - (s * dx + c * dy)
+        et = np.angle(np.exp(1j * (TARGET[2] - pose[2] - th)))
+        e0 = np.hypot(
+            np.hypot(*(TARGET[:2] - pose[:2])), self.L * np.angle(np.exp(1j * (TARGET[2] - pose[2])))
+        )
+        return e0 - np.sqrt(ex**2 + ey**2 + (self.L * et) ** 2)
+
+    def _travel_steps(self, p: np.ndarray, goals: np.ndarray) -> np.ndarray:
+        """Rough number of steps to walk from `p` to each goal (block frame) without touching."""
+        ts = np.linspace(0, 1, 8)[None, :, None]
+        path = p + ts * (goals - p)[:, None]
+        clear = (signed_distance(path.reshape(-1, 2)) > PUSHER_R + 0.003).reshape(len(goals), -1).all(1)
+        straight = np.linalg.norm(goals - p, axis=1)
+        turn = np.abs(np.angle(np.exp(1j * (np.arctan2(goals[:, 1], goals[:, 0]) - np.arctan2(p[1], p[0])))))
+        around = 0.1 * turn + 0.04
+        return np.where(clear, straight, around) / self.max_step + 1
+
+    def __call__(self, obs) -> np.ndarray:
+        pose = self.env.block_pose()
+        pusher = self.env.pusher_pos()
+        p_local = (pusher - pose[:2]) @ rot(pose[2])
+        approach = self.cand + self.normals * (PUSHER_R + 0.006)
+        # Contacts whose approach point lies outside the workspace cannot be used.
+        valid = np.all(np.abs(to_world(pose, approach)) < WORKSPACE - 0.005, axis=1)
+        steps = self._travel_steps(p_local, approach)
+        if self.pushing:
+            steps[self.current] = 1
+        # Error removed per step, counting the walk there and the push itself.
+        gains = self._gains(pose)
+        rates = gains / (steps[:, None] + self.DEPTHS / self.max_push)
+        rate = rates.max(axis=1) * np.where(self.parts == self.MODES.index(self.mode), 1 + self.preference, 1)
+        rate = np.where(valid, rate, -np.inf)
+        best = int(np.argmax(rate))
+        i = self.current
+        if i is None or not valid[i] or rate[i] <= 0 or rate[best] > self.switch * rate[i]:
+            self.current, self.pushing = best, False
+        i = self.current
+        c, n = self.cand[i], self.normals[i]
+        # Where is the pusher relative to the contact: along the normal (d) and along the edge (s)?
+        rel = p_local - c
+        d, s = rel @ n, rel @ np.array([-n[1], n[0]])
+        # Start pushing when lined up behind the contact; keep pushing while the pusher stays near it
+        # (it slides a little along the edge as the block turns).
+        tol = 0.01 if self.pushing else 0.004
+        self.pushing = abs(s) < tol and PUSHER_R - 0.006 < d < PUSHER_R + 0.015
+        if self.pushing:  # push through the contact along the inward normal, slower near the goal
+            step = np.clip(0.5 * self.DEPTHS[np.argmax(gains[i])], 0.001, self.max_push)
+            target_local = c + n * (PUSHER_R - 0.002 - step)
+        else:
+            target_local = self._navigate(p_local, approach[i])
+        target = to_world(pose, target_local[None])[0] + self.rng.normal(0, self.noise, 2)
+        # Smooth commands: the target never runs far ahead of the pusher.
+        delta = target - pusher
+        dist = np.linalg.norm(delta)
+        if dist > 0.025:
+            target = pusher + delta * 0.025 / dist
+        return np.clip(target, -WORKSPACE, WORKSPACE).astype(np.float32)
+
+    def _navigate(self, p: np.ndarray, goal: np.ndarray) -> np.ndarray:
+        """Next pusher target (block frame) on the way to `goal`: straight there when the way is
+        clear, otherwise along a closed path that rings the block at a safe distance."""
+        delta = goal - p
+        dist = np.linalg.norm(delta)
+        path = p + np.linspace(0, 1, 12)[:, None] * delta
+        if dist < 0.005 or np.all(signed_distance(path) > PUSHER_R + 0.003):
+            return p + delta * min(1.0, self.max_step / max(dist, 1e-9))
+        d = signed_distance(p)[0]
+        if d < PUSHER_R + 0.005:  # touching the block: back off first, so as not to drag it along
+            eps = 1e-4
+            g = np.array([signed_distance(p + [eps, 0])[0] - d, signed_distance(p + [0, eps])[0] - d])
+            return p + g / (np.linalg.norm(g) + 1e-12) * (PUSHER_R + 0.008 - d)
+        a_p, a_g = np.arctan2(p[1], p[0]), np.arctan2(goal[1], goal[0])
+        turn = np.arctan2(np.sin(a_g - a_p), np.cos(a_g - a_p))
+        if abs(abs(turn) - np.pi) < 0.3:  # about as far either way: the strategy decides
+            turn = 1.0 if self.mode == "bar" else -1.0
+        radius = max(np.linalg.norm(p), 0.03)
+        a_next = a_p + np.sign(turn) * min(abs(turn), 1.5 * self.max_step / radius)
+        return ring(a_next)

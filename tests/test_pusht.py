@@ -1,0 +1,122 @@
+"""labkit/PushT-v0: the task contract, the coverage measure, physics options and the scripted expert."""
+
+import gymnasium as gym
+import numpy as np
+import pytest
+from gymnasium.utils.env_checker import check_env
+
+import labkit
+from labkit.envs.pusht import TARGET, WORKSPACE, coverage
+
+
+@pytest.mark.parametrize("obs_mode", ["state", "pixels"])
+def test_pusht_passes_check_env(obs_mode):
+    env = gym.make("labkit/PushT-v0", obs_mode=obs_mode)
+    check_env(env.unwrapped, skip_render_check=True)
+    obs, info = env.reset(seed=0)
+    assert obs["state"].shape == (12,) and obs["proprio"].shape == (4,)
+    assert "is_success" in info and 0.0 <= info["coverage"] < 0.3, "the block starts away from the target"
+    space = env.action_space
+    assert np.allclose(space.low, -WORKSPACE) and np.allclose(space.high, WORKSPACE)
+    if obs_mode == "pixels":
+        px = obs["pixels"]
+        assert px.shape == (96, 96, 3) and px.dtype == np.uint8
+        colours = {tuple(c) for c in (px // 32).reshape(-1, 3)}
+        assert len(colours) >= 4, "floor, target, block and pusher should all be visible"
+
+
+def test_pusht_is_deterministic_under_seed():
+    def rollout(seed):
+        env = gym.make("labkit/PushT-v0")
+        obs, _ = env.reset(seed=seed)
+        out = [obs["state"]]
+        for t in range(20):
+            action = np.array([0.2 * np.cos(t / 3), 0.2 * np.sin(t / 3)], np.float32)
+            out.append(env.step(action)[0]["state"])
+        return np.stack(out)
+
+    np.testing.assert_array_equal(rollout(3), rollout(3))
+    assert not np.array_equal(rollout(3), rollout(4))
+
+
+def test_coverage_at_target_and_far_away():
+    assert coverage(TARGET) >= 0.99
+    assert coverage(TARGET + [0.2, 0.0, 0.0]) == 0.0
+    assert coverage(TARGET + [0.0, 0.0, np.pi]) < 0.5  # upside down covers only part of the stem
+    assert 0.5 < coverage(TARGET + [0.005, 0.0, 0.0]) < 0.95  # 5 mm off is not good enough
+
+    env = gym.make("labkit/PushT-v0", reward_type="dense")
+    env.reset(seed=0)
+    pusher_far = np.array([-0.2, -0.2], np.float32)
+    env.unwrapped.set_block_pose(TARGET, pusher=pusher_far)
+    _, r, term, _, info = env.step(pusher_far)
+    assert info["coverage"] >= 0.99 and info["is_success"] and term
+    assert r == pytest.approx(info["coverage"])
+
+
+def test_success_flag_matches_coverage():
+    env = gym.make("labkit/PushT-v0")
+    env.reset(seed=1)
+    for _ in range(30):
+        _, r, term, _, info = env.step(env.action_space.sample())
+        assert info["is_success"] == (info["coverage"] >= 0.95) == (r == 1.0) == term
+        if term:
+            break
+
+
+def test_block_stays_put_when_not_pushed():
+    env = gym.make("labkit/PushT-v0")
+    obs, _ = env.reset(seed=2)
+    hold = obs["state"][:2].copy()
+    for _ in range(20):
+        obs2, *_ = env.step(hold)
+    np.testing.assert_allclose(obs2["state"][2:], obs["state"][2:], atol=1e-4)
+
+
+def test_pusht_expert_succeeds_with_two_strategies():
+    env = gym.make("labkit/PushT-v0")
+    expert = labkit.envs.expert(env)
+    wins, modes, lengths = 0, [], []
+    for seed in range(20):
+        obs, _ = env.reset(seed=seed)
+        expert.reset(seed=seed)
+        modes.append(expert.mode)
+        term = trunc = False
+        steps = 0
+        while not (term or trunc):  # the time limit (300 steps) truncates
+            action = expert(obs)
+            assert env.action_space.contains(action)
+            obs, r, term, trunc, info = env.step(action)
+            steps += 1
+        wins += info["is_success"]
+        lengths.append(steps)
+    assert wins >= 17, f"expert succeeded in {wins}/20 episodes"
+    assert np.mean(lengths) < 220
+    assert set(modes) == {"bar", "stem"} and 0.2 <= modes.count("bar") / 20 <= 0.8
+
+
+def test_pusht_expert_is_deterministic():
+    env = gym.make("labkit/PushT-v0")
+    expert = labkit.envs.expert(env)
+
+    def actions(seed):
+        obs, _ = env.reset(seed=seed)
+        expert.reset(seed=seed)
+        out = []
+        for _ in range(30):
+            out.append(expert(obs))
+            obs, *_ = env.step(out[-1])
+        return np.stack(out)
+
+    np.testing.assert_array_equal(actions(5), actions(5))
+
+
+def test_physics_options_and_bad_input():
+    env = gym.make("labkit/PushT-v0", friction=0.5, mass=(0.5, 2.0), damping=1.5, obs_noise=0.001)
+    obs, _ = env.reset(seed=0)
+    assert env.unwrapped.model.geom_friction[0, 0] == pytest.approx(0.25)
+    env.step(env.action_space.sample())
+    with pytest.raises(ValueError, match="friction"):
+        gym.make("labkit/PushT-v0", friction=-1)
+    with pytest.raises(ValueError, match="shape"):
+        env.step(np.zeros(3, np.float32))
