@@ -30,11 +30,13 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(BIN)/labkit demo
 
+# Two pytest workers on two cores, one torch thread each: with two OpenMP threads per process the
+# workers' threads spin against each other and training ran ~50x slower (measured here).
 test: setup
-	$(BIN)/python -m pytest -q -n 2 --durations=15
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --durations=15
 
 test-fast: setup
-	$(BIN)/python -m pytest -q -n 2 -m "not notebook"
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 -m "not notebook"
 
 lab: setup
 	$(BIN)/jupyter lab --allow-root --notebook-dir=notebooks

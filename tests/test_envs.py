@@ -64,7 +64,7 @@ def test_detour_expert_succeeds_and_is_bimodal():
 def test_time_limit_truncates():
     env = gym.make("labkit/Detour-v0")
     env.reset(seed=0)
-    for t in range(100):
+    for _ in range(100):
         _, _, term, trunc, _ = env.step(np.zeros(2, np.float32))
     assert trunc and not term
 

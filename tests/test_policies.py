@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import labkit
-from labkit.data import record, load_dataset
+from labkit.data import load_dataset, record
 from labkit.policies import BCPolicy, fit
 from labkit.policies.train import window_tensors
 

@@ -171,7 +171,14 @@ class MujocoTask(gym.Env):
 
     def _render(self, size: int) -> np.ndarray:
         if size not in self._renderers:
-            self._renderers[size] = mujoco.Renderer(self.model, size, size)
+            try:
+                self._renderers[size] = mujoco.Renderer(self.model, size, size)
+            except mujoco.FatalError as e:
+                raise RuntimeError(
+                    f"MuJoCo could not create an OpenGL context ({e}). With no display, MuJoCo must be told to "
+                    "render headless before it is imported: `import labkit` before `import mujoco`, or set "
+                    "MUJOCO_GL=egl (or osmesa) in the environment."
+                ) from e
         r = self._renderers[size]
         r.update_scene(self.data, camera=self.camera)
         return r.render().copy()

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from labkit.policies.base import Policy, PolicyConfig
 from labkit.policies.nets import ObsEncoder, mlp
 
