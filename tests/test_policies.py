@@ -115,3 +115,13 @@ def test_pixel_bc_trains(tmp_path):
     obs, _ = env.reset(seed=1)
     policy.reset()
     assert policy.select_action(obs).shape == (2,)
+
+
+def test_cli_train_and_eval(detour_ds, tmp_path, capsys):
+    from labkit.cli import main
+
+    ckpt = tmp_path / "bc.ckpt"
+    assert main(["train", str(detour_ds.root), str(ckpt), "--steps", "20", "--horizon", "4",
+                 "--n-action-steps", "2"]) == 0
+    assert main(["eval", str(ckpt), "labkit/Detour-v0", "--episodes", "3"]) == 0
+    assert "over 3 episodes" in capsys.readouterr().out
