@@ -80,19 +80,20 @@ class DetourEnv(MujocoTask):
         return np.concatenate([self.data.qpos, self.data.qvel])
 
     def _collided(self) -> bool:
-        for c in self.data.contact[: self.data.ncon]:
-            if {c.geom1, c.geom2} == {self._wall, self._robot}:
-                return True
+        # The contact list as one array (iterating MjContact objects in Python cost 75% of a step).
+        g = np.sort(self.data.contact.geom[: self.data.ncon], axis=1)
+        wall = sorted((self._wall, self._robot))
+        hit = bool(np.any((g[:, 0] == wall[0]) & (g[:, 1] == wall[1])))
         # Leaving the arena counts as a crash too (there are no outer walls to stop it).
-        return bool(np.any(np.abs(self.data.qpos) > ARENA))
+        return hit or bool(np.any(np.abs(self.data.qpos) > ARENA))
 
     def _evaluate(self):
         dist = float(np.linalg.norm(self.data.qpos - self.goal))
-        collided = self._collided()
-        return dist < GOAL_RADIUS, -dist, {"distance": dist, "collision": collided}
+        self._crashed = self._collided()
+        return dist < GOAL_RADIUS, -dist, {"distance": dist, "collision": self._crashed}
 
     def _failed(self):
-        return self._collided()
+        return self._crashed
 
 
 class DetourExpert:
