@@ -2,6 +2,11 @@
 
 from labkit.policies.base import ENV_TO_DATA, Policy, PolicyConfig, load_policy
 from labkit.policies.bc import BCConfig, BCPolicy
+from labkit.policies.diffusion import DiffusionConfig, DiffusionPolicy
+from labkit.policies.flow import FlowConfig, FlowPolicy
+from labkit.policies.generative import GenerativeConfig, GenerativePolicy, SampleResult
 from labkit.policies.train import fit
 
-__all__ = ["ENV_TO_DATA", "Policy", "PolicyConfig", "load_policy", "BCConfig", "BCPolicy", "fit"]
+__all__ = ["ENV_TO_DATA", "Policy", "PolicyConfig", "load_policy", "BCConfig", "BCPolicy", "DiffusionConfig",
+           "DiffusionPolicy", "FlowConfig", "FlowPolicy", "GenerativeConfig", "GenerativePolicy", "SampleResult",
+           "fit"]

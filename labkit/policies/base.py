@@ -26,7 +26,11 @@ from labkit.data import Normalizer
 ENV_TO_DATA = {"state": "observation.state", "proprio": "observation.proprio", "pixels": "observation.images.top"}
 
 # Classes that `load_policy` may rebuild: an allowlist, so a checkpoint cannot name arbitrary code.
-POLICY_CLASSES = {"BCPolicy": "labkit.policies.bc:BCPolicy"}
+POLICY_CLASSES = {
+    "BCPolicy": "labkit.policies.bc:BCPolicy",
+    "DiffusionPolicy": "labkit.policies.diffusion:DiffusionPolicy",
+    "FlowPolicy": "labkit.policies.flow:FlowPolicy",
+}
 
 
 @dataclass

@@ -1,0 +1,208 @@
+"""Diffusion and flow policies: they capture both modes of a bimodal target (where MSE would average),
+their samplers are deterministic given the noise, their stochastic chains carry exact per-step
+log-probabilities, and checkpoints keep the EMA weights."""
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+import labkit
+from labkit.data import load_dataset, record
+from labkit.policies import DiffusionPolicy, FlowPolicy, SampleResult, fit
+from labkit.policies.diffusion import ddim_timesteps
+from labkit.policies.nets import EMA
+
+CLASSES = [DiffusionPolicy, FlowPolicy]
+TOY_SHAPES = {"observation.state": [1], "action": [2]}
+TOY_STATS = {"observation.state": {"mean": [0.0], "std": [1.0], "min": [-1.0], "max": [1.0]},
+             "action": {"mean": [0.0, 0.0], "std": [1.0, 1.0], "min": [-1.0, -1.0], "max": [1.0, 1.0]}}
+
+
+@pytest.fixture(scope="module")
+def detour_ds(tmp_path_factory):
+    env = gym.make("labkit/Detour-v0")
+    root = record(env, labkit.envs.expert(env), tmp_path_factory.mktemp("d") / "detour", episodes=12, seed=0,
+                  progress=False)
+    return load_dataset(root, env_id="labkit/Detour-v0")
+
+
+def toy_policy(cls, **config):
+    """A policy over 2-D action chunks of length 4 with a one-number observation (min-max stats of
+    [-1, 1], so normalised actions equal physical ones)."""
+    config = {"obs_horizon": 1, "horizon": 4, "n_action_steps": 2, "hidden": 64, "layers": 2, **config}
+    return cls(config, TOY_SHAPES, TOY_STATS)
+
+
+def toy_obs(n):
+    return {"observation.state": torch.zeros(n, 1, 1)}
+
+
+def toy_chunk(n, gen):
+    """Bimodal demonstrations: the whole chunk at (+0.6, +0.6) or at (-0.6, -0.6), with a little noise."""
+    side = torch.randint(0, 2, (n, 1, 1), generator=gen).float() * 2 - 1
+    return 0.6 * side.expand(n, 4, 2) + 0.03 * torch.randn(n, 4, 2, generator=gen)
+
+
+@pytest.mark.parametrize("backbone", ["mlp", "unet"])
+@pytest.mark.parametrize("cls", CLASSES)
+def test_samples_land_on_both_modes_not_their_mean(cls, backbone):
+    torch.manual_seed(0)
+    policy = toy_policy(cls, backbone=backbone, down_dims=(16, 32), time_dim=16, ema=False)
+    opt = torch.optim.Adam(policy.parameters(), lr=3e-3)
+    gen, losses = torch.Generator().manual_seed(0), []
+    pad = torch.zeros(256, 4, dtype=torch.bool)
+    for _ in range(300):
+        loss = policy.loss(toy_obs(256), toy_chunk(256, gen), pad)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert np.mean(losses[-20:]) < 0.6 * np.mean(losses[:20])
+    policy.eval()
+    with torch.no_grad():
+        a = policy.sample(toy_obs(400)).actions.mean(dim=(1, 2))  # one number per chunk
+    near_plus, near_minus = ((a - 0.6).abs() < 0.2).float().mean(), ((a + 0.6).abs() < 0.2).float().mean()
+    assert near_plus > 0.25 and near_minus > 0.25, (near_plus, near_minus)
+    assert (a.abs() < 0.3).float().mean() < 0.15  # little at the modes' mean, where MSE would put it all
+
+
+@pytest.mark.parametrize("net", [{"cond": "film"}, {"cond": "concat"}, {"backbone": "unet"}])
+@pytest.mark.parametrize("cls", CLASSES)
+def test_sampler_shapes_and_determinism(cls, net):
+    policy = toy_policy(cls, **net).eval()
+    obs = policy.normalize_obs(toy_obs(3))
+    for steps in (1, 5, 10):
+        noise = torch.randn(3, 4, 2)
+        out = policy.sample(obs, noise=noise, steps=steps)
+        assert isinstance(out, SampleResult) and out.log_probs is None
+        assert out.actions.shape == (3, 4, 2) and out.latents.shape == (3, steps + 1, 4, 2)
+        assert torch.equal(out.latents[:, 0], noise) and torch.equal(out.latents[:, -1], out.actions)
+        assert torch.equal(policy.sample(obs, noise=noise.clone(), steps=steps).actions, out.actions)
+        assert not torch.allclose(policy.sample(obs, noise=-noise, steps=steps).actions, out.actions)
+        stoch = policy.sample(obs, noise=noise, steps=steps, stochastic=True)
+        assert stoch.log_probs.shape == (3, steps) and torch.isfinite(stoch.log_probs).all()
+        again = policy.sample(obs, noise=noise, steps=steps, stochastic=True)
+        assert not torch.allclose(again.actions, stoch.actions)  # fresh Gaussian noise at every step
+    with pytest.raises(ValueError, match="noise must have shape"):
+        policy.sample(obs, noise=torch.randn(3, 5, 2))
+
+
+def direct_step_mean(policy, feat, x, i, steps):
+    """The stochastic step's mean written out from the formulas in the module docstrings."""
+    net = policy.net()
+    if isinstance(policy, FlowPolicy):
+        return x + net["denoiser"](x, torch.full((len(x),), i / steps), feat) / steps
+    T, c = policy.config.num_train_timesteps, policy.config
+    ts = ddim_timesteps(T, steps)
+    abar = policy.alphas_cumprod
+    ab_t = abar[ts[i]]
+    ab_p = abar[ts[i + 1]] if i + 1 < steps else torch.tensor(1.0)
+    eps = net["denoiser"](x, torch.full((len(x),), ts[i] / T), feat)
+    a_hat = ((x - (1 - ab_t).sqrt() * eps) / ab_t.sqrt()).clamp(-1, 1)
+    var = c.eta**2 * (1 - ab_p) / (1 - ab_t) * (1 - ab_t / ab_p)
+    return ab_p.sqrt() * a_hat + (1 - ab_p - var).clamp(min=0).sqrt() * eps, max(var.sqrt().item(), c.min_std)
+
+
+@pytest.mark.parametrize("cls", CLASSES)
+def test_stochastic_log_probs_match_direct_computation(cls):
+    torch.manual_seed(1)
+    policy = toy_policy(cls).eval()
+    obs = policy.normalize_obs(toy_obs(5))
+    steps = 4
+    with torch.no_grad():
+        out = policy.sample(obs, steps=steps, stochastic=True)
+        feat = policy.net()["encoder"](obs)
+        for i in range(steps):
+            x, x_next = out.latents[:, i], out.latents[:, i + 1]
+            if isinstance(policy, FlowPolicy):
+                mean, std = direct_step_mean(policy, feat, x, i, steps), policy.config.noise_scale / steps**0.5
+            else:
+                mean, std = direct_step_mean(policy, feat, x, i, steps)
+            expected = torch.distributions.Normal(mean, std).log_prob(x_next).sum(dim=(1, 2))
+            torch.testing.assert_close(out.log_probs[:, i], expected, rtol=1e-5, atol=1e-4)
+    # Re-scoring the stored chain gives the same numbers; with the live (trainable) weights, which
+    # equal the EMA copy before any training, it is differentiable: the PPO ratio's numerator.
+    torch.testing.assert_close(policy.log_prob(obs, out.latents), out.log_probs)
+    rescored = policy.log_prob(obs, out.latents, use_ema=False)
+    torch.testing.assert_close(rescored, out.log_probs)
+    rescored.sum().backward()
+    assert all(p.grad is not None for p in policy.model["denoiser"].parameters())
+
+
+def test_ema_decay_schedule_and_update():
+    net = torch.nn.Linear(2, 2)
+    ema = EMA(net)
+    assert ema.decay() == 0.0  # the first update copies
+    ema.step.fill_(450)
+    assert 0.985 < ema.decay() < 0.995
+    ema.step.fill_(10**9)
+    assert ema.decay() == pytest.approx(0.9999)
+    assert EMA(net, power=0, max_decay=0.999).decay() == 0.999
+    ema = EMA(net)
+    with torch.no_grad():
+        net.weight.add_(1.0)
+    ema.update(net)
+    torch.testing.assert_close(ema.model.weight, net.weight)
+    assert not ema.model.weight.requires_grad
+
+
+@pytest.mark.parametrize("cls", CLASSES)
+def test_checkpoint_keeps_ema_weights_and_normaliser(cls, detour_ds, tmp_path):
+    policy = cls.from_dataset(detour_ds, horizon=8, n_action_steps=4, hidden=32, layers=1)
+    fit(policy, detour_ds, steps=20, batch_size=32, progress=False)
+    assert int(policy.ema.step) == 20
+    live, ema = policy.model.state_dict(), policy.ema.model.state_dict()
+    assert any(not torch.equal(live[k], ema[k]) for k in live)  # the EMA really is a different net
+    loaded = labkit.load_policy(policy.save(tmp_path / "p.ckpt"))
+    assert isinstance(loaded, cls) and loaded.config == policy.config
+    for k, v in ema.items():
+        assert torch.equal(loaded.ema.model.state_dict()[k], v)
+    obs = {"observation.state": torch.randn(3, 2, 6)}
+    noise = torch.randn(3, 8, 2)
+    a = policy.sample(policy.normalize_obs(obs), noise=noise).actions
+    b = loaded.sample(loaded.normalize_obs(obs), noise=noise).actions
+    assert torch.equal(a, b)
+    torch.testing.assert_close(loaded.normalizer.unnormalize("action", a), policy.normalizer.unnormalize("action", a))
+    # Prediction uses the EMA copy, training-mode sampling the live weights.
+    assert not torch.equal(policy.sample(policy.normalize_obs(obs), noise=noise, use_ema=False).actions, a)
+
+
+@pytest.mark.parametrize("cls", CLASSES)
+def test_select_action_on_detour(cls, detour_ds):
+    policy = cls.from_dataset(detour_ds, horizon=8, n_action_steps=4, hidden=32, layers=1, steps=3)
+    fit(policy, detour_ds, steps=10, batch_size=32, progress=False)
+    env = gym.make("labkit/Detour-v0")
+    obs, _ = env.reset(seed=0)
+    policy.reset()
+    for _ in range(6):
+        a = policy.select_action(obs)
+        assert a.shape == (2,) and a.dtype == np.float32 and np.isfinite(a).all()
+        obs = env.step(a)[0]
+    policy.reset()
+    assert policy.select_action({k: np.stack([v] * 3) for k, v in obs.items()}).shape == (3, 2)
+
+
+def test_mask_padding_option():
+    policy = toy_policy(FlowPolicy, mask_padding=True)
+    pred, target = torch.zeros(8, 4, 2), torch.randn(8, 4, 2)
+    pad = torch.zeros(8, 4, dtype=torch.bool)
+    pad[:, -1] = True
+    base = policy.chunk_loss(pred, target, pad)
+    target[:, -1] += 100.0  # garbage on padded steps must not move the masked loss
+    torch.testing.assert_close(policy.chunk_loss(pred, target, pad), base)
+    policy.config.mask_padding = False  # the default trains on the whole (edge-padded) chunk
+    assert policy.chunk_loss(pred, target, pad) > base + 100.0
+
+
+def test_bad_configs(detour_ds):
+    with pytest.raises(ValueError, match="backbone"):
+        DiffusionPolicy.from_dataset(detour_ds, backbone="transformer")
+    with pytest.raises(ValueError, match="multiple of 4"):
+        FlowPolicy.from_dataset(detour_ds, backbone="unet", horizon=6, n_action_steps=2)
+    with pytest.raises(ValueError, match="cond"):
+        FlowPolicy.from_dataset(detour_ds, cond="cross-attention")
+    with pytest.raises(ValueError, match="num_train_timesteps"):
+        DiffusionPolicy.from_dataset(detour_ds, steps=200)
+    with pytest.raises(ValueError, match="unknown DiffusionConfig fields"):
+        DiffusionPolicy({"betas": 1}, {"observation.state": [6], "action": [2]}, detour_ds.stats)
