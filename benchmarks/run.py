@@ -11,6 +11,10 @@
 
 from __future__ import annotations
 
+# isort: off
+import labkit  # noqa: F401  (first: picks the headless GL backend before mujoco is imported)
+# isort: on
+
 import argparse
 import json
 import os
@@ -21,8 +25,6 @@ from pathlib import Path
 import gymnasium as gym
 import mujoco
 import torch
-
-import labkit  # noqa: F401,I001  (first: picks the headless GL backend before mujoco is imported)
 
 HERE = Path(__file__).resolve().parent
 TASKS = ["labkit/Detour-v0", "labkit/PushT-v0"]
