@@ -5,8 +5,10 @@ from labkit.policies.bc import BCConfig, BCPolicy
 from labkit.policies.diffusion import DiffusionConfig, DiffusionPolicy
 from labkit.policies.flow import FlowConfig, FlowPolicy
 from labkit.policies.generative import GenerativeConfig, GenerativePolicy, SampleResult
+from labkit.policies.postbc import PostBCDiffusionPolicy, PostBCFlowPolicy
 from labkit.policies.train import fit
 
 __all__ = ["ENV_TO_DATA", "Policy", "PolicyConfig", "load_policy", "BCConfig", "BCPolicy", "DiffusionConfig",
            "DiffusionPolicy", "FlowConfig", "FlowPolicy", "GenerativeConfig", "GenerativePolicy", "SampleResult",
+           "PostBCDiffusionPolicy", "PostBCFlowPolicy",
            "fit"]

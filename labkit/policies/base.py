@@ -30,6 +30,8 @@ POLICY_CLASSES = {
     "BCPolicy": "labkit.policies.bc:BCPolicy",
     "DiffusionPolicy": "labkit.policies.diffusion:DiffusionPolicy",
     "FlowPolicy": "labkit.policies.flow:FlowPolicy",
+    "PostBCFlowPolicy": "labkit.policies.postbc:PostBCFlowPolicy",
+    "PostBCDiffusionPolicy": "labkit.policies.postbc:PostBCDiffusionPolicy",
 }
 
 
@@ -96,6 +98,11 @@ class Policy(L.LightningModule):
     def predict_normalized(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
         """A normalised action chunk [B, H, A] from normalised observations."""
         raise NotImplementedError
+
+    def prepare_training(self, tensors: dict, dataset) -> dict:
+        """Called by `fit` with the training windows before the first step; may add per-window
+        tensors that `training_step` reads (PostBC adds its posterior spread). Default: unchanged."""
+        return tensors
 
     # ---- normalisation ------------------------------------------------------------------------
     def normalize_obs(self, obs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

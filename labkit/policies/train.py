@@ -40,7 +40,8 @@ def _index(tree, idx):
 
 
 def window_tensors(policy: Policy, dataset) -> dict:
-    """The dataset's training samples for `policy`: {"obs": {key: [N, To, ...]}, "action", "action_is_pad"}."""
+    """The dataset's training samples for `policy`: {"obs": {key: [N, To, ...]}, "action", "action_is_pad",
+    "episode" (the episode each window comes from)}."""
     c = policy.config
     w = dataset.windows(obs_horizon=c.obs_horizon, horizon=c.horizon, keys=c.obs_keys)
     obs = w["obs"] if "obs" in w else {k: w[k] for k in c.obs_keys}
@@ -48,6 +49,7 @@ def window_tensors(policy: Policy, dataset) -> dict:
         "obs": {k: torch.as_tensor(obs[k]) for k in c.obs_keys},
         "action": torch.as_tensor(w["action"]).float(),
         "action_is_pad": torch.as_tensor(w["action_is_pad"]).bool(),
+        "episode": torch.as_tensor(dataset.frames["episode_index"][w["index"]]).long(),
     }
 
 
@@ -69,7 +71,7 @@ def fit(policy: Policy, dataset, steps: int = 2000, batch_size: int = 256, seed:
         raise ValueError(f"steps must be >= 1, got {steps}")
     quiet_lightning()
     L.seed_everything(seed, verbose=False)
-    batches = RandomBatches(window_tensors(policy, dataset), batch_size, steps, seed)
+    batches = RandomBatches(policy.prepare_training(window_tensors(policy, dataset), dataset), batch_size, steps, seed)
     # At most ~50 bar refreshes: in a notebook each refresh is a widget message, and per-step
     # messages made a papermill run of a 300-step fit take 15x longer than the fit itself.
     callbacks = [TQDMProgressBar(refresh_rate=max(1, steps // 50))] if progress else []

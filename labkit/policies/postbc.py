@@ -1,0 +1,149 @@
+"""Posterior behavior cloning (PostBC; Wagenmaker, Dong, Tsao, Finn, Levine, 2025).
+
+BC fits the actions the demonstrator took: a point estimate, so where demonstrations are few it puts
+almost no probability on actions the demonstrator might well have taken, and RL finetuning can never
+sample them. PostBC clones the *posterior* of the demonstrator's behaviour instead: wide where the
+data are thin, BC where they are dense.
+
+Tabular (firm): with counts N(s, a) and a uniform Dirichlet prior the posterior predictive is
+add-one smoothing, and the pretrained policy mixes it with BC:
+    pi_BC(a|s) = N(s,a) / N(s),   pi_post(a|s) = (N(s,a) + 1) / (N(s) + |A|),
+    pi_PT = (1 - alpha) pi_BC + alpha pi_post.
+
+Continuous (a reconstruction, see ../shared/reference/algorithms.md §1; its knobs are measured in
+lesson 03): K regressors trained on bootstrap resamples of the demonstrations (whole episodes) give a
+per-state spread sigma(s) of the predicted action chunk; a diffusion or flow policy is then trained
+on targets a + beta * sigma(s) * eps, eps ~ N(0, I), for a fraction alpha of the samples, clean targets
+for the rest. Only supervised learning, and the noise is state-dependent: large where the ensemble
+disagrees (few or conflicting demonstrations), near zero where the data pin the action down.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from labkit.policies.bc import BCConfig, BCPolicy
+from labkit.policies.diffusion import DiffusionConfig, DiffusionPolicy
+from labkit.policies.flow import FlowConfig, FlowPolicy
+
+
+# ---- tabular ------------------------------------------------------------------------------------
+def tabular_bc(counts: np.ndarray) -> np.ndarray:
+    """pi_BC(a|s) from visit counts [S, A]; uniform in states never visited."""
+    counts = np.asarray(counts, float)
+    n = counts.sum(1, keepdims=True)
+    return np.where(n > 0, counts / np.maximum(n, 1), 1.0 / counts.shape[1])
+
+
+def tabular_posterior(counts: np.ndarray, prior: float = 1.0) -> np.ndarray:
+    """Posterior predictive under a symmetric Dirichlet(prior) on pi(.|s): (N(s,a) + prior) / (N(s) + A prior)."""
+    counts = np.asarray(counts, float)
+    return (counts + prior) / (counts.sum(1, keepdims=True) + prior * counts.shape[1])
+
+
+def tabular_postbc(counts: np.ndarray, alpha: float = 0.5, prior: float = 1.0) -> np.ndarray:
+    """The PostBC pretrained policy: (1 - alpha) pi_BC + alpha pi_post."""
+    return (1 - alpha) * tabular_bc(counts) + alpha * tabular_posterior(counts, prior)
+
+
+# ---- continuous ---------------------------------------------------------------------------------
+def ensemble_spread(template, tensors: dict, size: int = 5, steps: int = 1000, batch_size: int = 256,
+                    hidden: int = 256, layers: int = 3, seed: int = 0) -> torch.Tensor:
+    """Per-window std [N, H, A] (physical action units) of `size` BC regressors, each trained on a
+    bootstrap resample of the episodes in `tensors` (from `window_tensors`, with its "episode" key).
+
+    The members share `template`'s observation keys, chunking, shapes and normaliser. A plain loop,
+    not Lightning: these are small auxiliary models and the loop is the whole of their training.
+    """
+    c = template.config
+    episodes = tensors["episode"]
+    ids, inverse = torch.unique(episodes, return_inverse=True)
+    gen = torch.Generator().manual_seed(seed)
+    preds = []
+    for k in range(size):
+        # Bootstrap over demonstrations: each episode drawn a multinomial number of times, and its
+        # windows sampled in proportion, so a resample can miss a mode that few demos show.
+        times = torch.bincount(torch.randint(0, len(ids), (len(ids),), generator=gen), minlength=len(ids))
+        weight = times[inverse].float()
+        torch.manual_seed(seed + 1 + k)
+        cfg = BCConfig(obs_keys=c.obs_keys, obs_horizon=c.obs_horizon, horizon=c.horizon,
+                       n_action_steps=c.n_action_steps, hidden=hidden, layers=layers)
+        member = BCPolicy(cfg, template.shapes, template.stats)
+        opt = torch.optim.AdamW(member.parameters(), lr=1e-3, weight_decay=1e-6)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+        member.train()
+        for _ in range(steps):
+            idx = torch.multinomial(weight, batch_size, replacement=True, generator=gen)
+            obs = member.normalize_obs({key: v[idx] for key, v in tensors["obs"].items()})
+            action = member.normalizer.normalize("action", tensors["action"][idx])
+            loss = member.loss(obs, action, tensors["action_is_pad"][idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+        member.eval()
+        with torch.no_grad():
+            preds.append(torch.cat([member.predict_action_chunk({key: v[i:i + 4096] for key, v in tensors["obs"].items()})
+                                    for i in range(0, len(episodes), 4096)]))
+    return torch.stack(preds).std(0)
+
+
+@dataclass
+class PosteriorFields:
+    """PostBC's knobs, shared by its diffusion and flow variants."""
+
+    ensemble_size: int = 5  # K bootstrap regressors
+    ensemble_steps: int = 1000  # gradient steps per regressor
+    alpha: float = 0.5  # fraction of training targets that get posterior noise
+    beta: float = 1.0  # noise scale, in units of the ensemble's std
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.ensemble_size < 2:
+            raise ValueError(f"ensemble_size must be >= 2 (a spread needs two members), got {self.ensemble_size}")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"alpha is a probability, got {self.alpha}")
+        if self.beta < 0:
+            raise ValueError(f"beta must be >= 0, got {self.beta}")
+
+
+class PosteriorTargets:
+    """Mixin for a generative policy: fit the ensemble before training, then noise the targets."""
+
+    posterior_std: torch.Tensor | None = None  # [N, H, A], set by prepare_training (not checkpointed)
+
+    def prepare_training(self, tensors: dict, dataset) -> dict:
+        c = self.config
+        self.posterior_std = ensemble_spread(self, tensors, c.ensemble_size, c.ensemble_steps)
+        return {**tensors, "posterior_std": self.posterior_std}
+
+    def training_step(self, batch, batch_idx):
+        c, action = self.config, batch["action"]
+        noisy = (torch.rand(len(action), 1, 1, device=action.device) < c.alpha).float()
+        action = action + noisy * c.beta * batch["posterior_std"] * torch.randn_like(action)
+        return super().training_step({**batch, "action": action}, batch_idx)
+
+
+@dataclass
+class PostBCFlowConfig(PosteriorFields, FlowConfig):
+    pass
+
+
+@dataclass
+class PostBCDiffusionConfig(PosteriorFields, DiffusionConfig):
+    pass
+
+
+class PostBCFlowPolicy(PosteriorTargets, FlowPolicy):
+    """A flow-matching policy trained on posterior-noised targets."""
+
+    config_class = PostBCFlowConfig
+
+
+class PostBCDiffusionPolicy(PosteriorTargets, DiffusionPolicy):
+    """A diffusion policy trained on posterior-noised targets."""
+
+    config_class = PostBCDiffusionConfig
