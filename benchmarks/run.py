@@ -7,6 +7,8 @@
 2. BC training steps/s through labkit's Lightning path (`labkit.policies.fit`) against a plain
    PyTorch loop on the same model, batch and in-memory data, and a default Lightning Trainer fed
    by a torch DataLoader (the slow path labkit avoids).
+3. Each policy and backbone (BC, diffusion and flow with the MLP and the 1-D U-Net): training steps/s,
+   peak memory growth while training, and milliseconds per chunk for 1, 5, 10 and 20 sampling steps.
 """
 
 from __future__ import annotations
@@ -141,17 +143,68 @@ def bench_training(steps: int) -> list[dict]:
     return rows
 
 
+def bench_policies(steps: int = 100, calls: int = 30) -> list[dict]:
+    """Per policy and backbone on the PushT state windows (batch 256): training steps/s through `fit`,
+    peak resident memory growth while training, and the latency of one chunk (batch 1) for 1, 5, 10
+    and 20 sampling steps (BC has no steps: one forward pass)."""
+    import resource
+
+    from labkit.data import load_dataset
+    from labkit.policies import BCPolicy, DiffusionPolicy, FlowPolicy, fit
+
+    ds = load_dataset(HERE.parent / "datasets" / "pusht")
+    one = {"observation.state": torch.as_tensor(ds.windows(2, 16)["obs"]["observation.state"][:1])}
+    rows = []
+    for name, cls, cfg in [("BC", BCPolicy, {}), ("diffusion", DiffusionPolicy, {"backbone": "mlp"}),
+                           ("flow", FlowPolicy, {"backbone": "mlp"}), ("diffusion", DiffusionPolicy, {"backbone": "unet"}),
+                           ("flow", FlowPolicy, {"backbone": "unet"})]:
+        policy = cls.from_dataset(ds, **cfg)
+        params = sum(p.numel() for p in policy.parameters() if p.requires_grad)
+        n = steps if cfg.get("backbone") != "unet" else max(10, steps // 10)
+        fit(policy, ds, steps=5, progress=False)
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        start = time.perf_counter()
+        fit(policy, ds, steps=n, progress=False)
+        row = {"policy": name, "backbone": cfg.get("backbone", "mlp"), "params": params,
+               "train_steps_per_s": n / (time.perf_counter() - start),
+               "peak_rss_growth_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024}
+        for k in ([1] if name == "BC" else [1, 5, 10, 20]):
+            if name != "BC":
+                policy.config.steps = k
+            policy.predict_action_chunk(one)
+            times = []
+            for _ in range(calls):
+                t0 = time.perf_counter()
+                policy.predict_action_chunk(one)
+                times.append(time.perf_counter() - t0)
+            row[f"ms_per_chunk_k{k}"] = 1000 * sorted(times)[len(times) // 2]
+        rows.append(row)
+        lat = ", ".join(f"K={k}: {v:.1f}" for k, v in ((c[14:], v) for c, v in row.items() if c.startswith("ms_per")))
+        print(f"{name:9s} {row['backbone']:4s} {params / 1e6:5.2f}M params  {row['train_steps_per_s']:6.1f} steps/s  "
+              f"ms/chunk {lat}  peak RSS +{row['peak_rss_growth_mb']:.0f} MB")
+    return rows
+
+
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--quick", action="store_true", help="shorter timings (for a smoke run)")
+    p.add_argument("--quick", action="store_true", help="shorter timings (for a smoke run); writes nothing")
+    p.add_argument("--only", choices=["envs", "training", "policies"], action="append",
+                   help="run only these parts and update them in results.json (repeatable)")
     a = p.parse_args()
     machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                "torch": torch.__version__, "mujoco": mujoco.__version__, "torch_threads": torch.get_num_threads()}
     print(machine)
-    results = {"machine": machine, "envs": bench_envs(0.5 if a.quick else 3.0),
-               "bc_training": bench_training(50 if a.quick else 500)}
+    parts = {"envs": lambda: bench_envs(0.5 if a.quick else 3.0),
+             "bc_training": lambda: bench_training(50 if a.quick else 500),
+             "policies": lambda: bench_policies(20 if a.quick else 200)}
+    only = {"training": "bc_training"}
+    chosen = [only.get(o, o) for o in a.only] if a.only else list(parts)
+    path = HERE / "results.json"
+    results = json.loads(path.read_text()) if path.exists() and a.only else {}
+    results["machine"] = machine
+    results.update({name: parts[name]() for name in chosen})
     if not a.quick:
-        (HERE / "results.json").write_text(json.dumps(results, indent=1))
+        path.write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":

@@ -116,8 +116,14 @@ class PosteriorTargets:
     posterior_std: torch.Tensor | None = None  # [N, H, A], set by prepare_training (not checkpointed)
 
     def prepare_training(self, tensors: dict, dataset) -> dict:
-        c = self.config
-        self.posterior_std = ensemble_spread(self, tensors, c.ensemble_size, c.ensemble_steps)
+        """Fit the ensemble, unless `posterior_std` was already set for these windows (so a sweep
+        over alpha and beta reuses one ensemble)."""
+        c, n = self.config, len(tensors["action"])
+        if self.posterior_std is not None and tuple(self.posterior_std.shape) != tuple(tensors["action"].shape):
+            raise ValueError(f"posterior_std has shape {tuple(self.posterior_std.shape)} but the dataset has "
+                             f"{n} windows of shape {tuple(tensors['action'].shape[1:])}; fit it on this dataset")
+        if self.posterior_std is None:
+            self.posterior_std = ensemble_spread(self, tensors, c.ensemble_size, c.ensemble_steps)
         return {**tensors, "posterior_std": self.posterior_std}
 
     def training_step(self, batch, batch_idx):
