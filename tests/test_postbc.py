@@ -61,6 +61,7 @@ def test_ensemble_spread_is_wide_where_demonstrations_are_few():
     assert sparse_mean > 2 * dense_mean, (dense_mean, sparse_mean)
 
 
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log")  # training_step called without a Trainer
 def test_postbc_noises_targets_by_the_spread():
     torch.manual_seed(0)
     stats = _stats()
