@@ -2,7 +2,7 @@
 
     labkit demo                     train + evaluate a PushT policy from the shipped dataset
     labkit datasets                 regenerate the shipped datasets with the scripted experts
-    labkit train DATASET OUT.ckpt   behavior cloning on a dataset directory
+    labkit train DATASET OUT.ckpt   train a policy (bc, diffusion, flow, postbc-flow) on a dataset directory
     labkit eval CKPT ENV_ID         success with a Wilson interval
 """
 
@@ -25,6 +25,8 @@ SHIPPED = {
     "pusht_pixels": ("labkit/PushT-v0", {"obs_mode": "pixels"}, 50, 0),
 }
 EVAL_SEED = 1000
+# `labkit train --policy NAME` -> class in labkit.policies
+POLICIES = {"bc": "BCPolicy", "diffusion": "DiffusionPolicy", "flow": "FlowPolicy", "postbc-flow": "PostBCFlowPolicy"}
 
 
 def make_datasets(names=None, overwrite: bool = True) -> None:
@@ -113,9 +115,10 @@ def main(argv=None) -> int:
     d.add_argument("--episodes", type=int, default=100)
     g = sub.add_parser("datasets", help="regenerate the shipped datasets")
     g.add_argument("names", nargs="*", help=f"any of {', '.join(SHIPPED)} (default: all)")
-    t = sub.add_parser("train", help="behavior cloning on a dataset directory")
+    t = sub.add_parser("train", help="train a policy on a dataset directory")
     t.add_argument("dataset")
     t.add_argument("out")
+    t.add_argument("--policy", choices=sorted(POLICIES), default="bc")
     t.add_argument("--steps", type=int, default=5000)
     t.add_argument("--horizon", type=int, default=16)
     t.add_argument("--n-action-steps", type=int, default=8)
@@ -134,11 +137,13 @@ def main(argv=None) -> int:
             p.error(f"unknown dataset(s) {sorted(unknown)}; choose from {', '.join(SHIPPED)}")
         make_datasets(a.names or None)
     elif a.cmd == "train":
+        import labkit.policies as policies
         from labkit.data import load_dataset
-        from labkit.policies import BCPolicy, fit
+        from labkit.policies import fit
 
         ds = load_dataset(a.dataset)
-        policy = BCPolicy.from_dataset(ds, horizon=a.horizon, n_action_steps=a.n_action_steps)
+        policy = getattr(policies, POLICIES[a.policy]).from_dataset(ds, horizon=a.horizon,
+                                                                    n_action_steps=a.n_action_steps)
         print(f"saved {fit(policy, ds, steps=a.steps).save(a.out)}")
     elif a.cmd == "eval":
         from labkit import load_policy

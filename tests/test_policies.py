@@ -125,3 +125,8 @@ def test_cli_train_and_eval(detour_ds, tmp_path, capsys):
                  "--n-action-steps", "2"]) == 0
     assert main(["eval", str(ckpt), "labkit/Detour-v0", "--episodes", "3"]) == 0
     assert "over 3 episodes" in capsys.readouterr().out
+    flow = tmp_path / "flow.ckpt"
+    assert main(["train", str(detour_ds.root), str(flow), "--policy", "flow", "--steps", "5"]) == 0
+    from labkit import load_policy
+
+    assert type(load_policy(flow)).__name__ == "FlowPolicy"
