@@ -142,3 +142,25 @@ def evaluate(policy, env_id: str, episodes: int = 50, seed: int = 0, env_kwargs:
         e.close()
     return EvalResult(env_id, episodes, np.array(success), np.array(returns), np.array(lengths), infos, clips,
                       time.perf_counter() - start)
+
+
+def rollout_states(policy, env_id: str, episodes: int, seed: int = 0, key: str = "state",
+                   env_kwargs: dict | None = None) -> list[np.ndarray]:
+    """The observation `key` at every step of `episodes` seeded rollouts of a labkit `Policy`, one
+    array [T+1, ...] per episode (the reset observation first): for plotting paths, which
+    `evaluate` does not keep."""
+    import labkit.envs  # noqa: F401  (registers the tasks)
+
+    env = gym.make(env_id, **(env_kwargs or {}))
+    out = []
+    for i in range(episodes):
+        obs, _ = env.reset(seed=seed + i)
+        policy.reset()
+        states, done = [obs[key]], False
+        while not done:
+            obs, _, term, trunc, _ = env.step(policy.select_action(obs))
+            states.append(obs[key])
+            done = term or trunc
+        out.append(np.stack(states))
+    env.close()
+    return out

@@ -35,3 +35,20 @@ def test_evaluate_plain_callable_and_seeding():
     b = evaluate(straight, "labkit/Detour-v0", episodes=5, seed=7, progress=False)
     assert a.success_rate == 0.0 and a.mean_info("collision") == 1.0
     np.testing.assert_array_equal(a.lengths, b.lengths)
+
+
+def test_rollout_states_follow_the_policy_and_seed():
+    from labkit.eval import rollout_states
+
+    class StraightUp:  # a stand-in with the Policy runtime contract: drives straight into the wall
+        def reset(self):
+            pass
+
+        def select_action(self, obs):
+            return np.array([0.0, 0.5], dtype=np.float32)
+
+    a = rollout_states(StraightUp(), "labkit/Detour-v0", episodes=2, seed=5)
+    b = rollout_states(StraightUp(), "labkit/Detour-v0", episodes=2, seed=5)
+    assert len(a) == 2 and a[0].shape[1] == 6
+    np.testing.assert_array_equal(a[1], b[1])
+    assert a[0][-1, 1] > a[0][0, 1]  # it moved up

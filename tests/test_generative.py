@@ -8,7 +8,6 @@ import pytest
 import torch
 
 import labkit
-from labkit.data import load_dataset, record
 from labkit.policies import DiffusionPolicy, FlowPolicy, SampleResult, fit
 from labkit.policies.diffusion import ddim_timesteps
 from labkit.policies.nets import EMA
@@ -17,14 +16,6 @@ CLASSES = [DiffusionPolicy, FlowPolicy]
 TOY_SHAPES = {"observation.state": [1], "action": [2]}
 TOY_STATS = {"observation.state": {"mean": [0.0], "std": [1.0], "min": [-1.0], "max": [1.0]},
              "action": {"mean": [0.0, 0.0], "std": [1.0, 1.0], "min": [-1.0, -1.0], "max": [1.0, 1.0]}}
-
-
-@pytest.fixture(scope="module")
-def detour_ds(tmp_path_factory):
-    env = gym.make("labkit/Detour-v0")
-    root = record(env, labkit.envs.expert(env), tmp_path_factory.mktemp("d") / "detour", episodes=12, seed=0,
-                  progress=False)
-    return load_dataset(root, env_id="labkit/Detour-v0")
 
 
 def toy_policy(cls, **config):

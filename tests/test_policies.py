@@ -11,14 +11,6 @@ from labkit.policies import BCPolicy, fit
 from labkit.policies.train import window_tensors
 
 
-@pytest.fixture(scope="module")
-def detour_ds(tmp_path_factory):
-    env = gym.make("labkit/Detour-v0")
-    root = record(env, labkit.envs.expert(env), tmp_path_factory.mktemp("d") / "detour", episodes=12, seed=0,
-                  progress=False)
-    return load_dataset(root, env_id="labkit/Detour-v0")
-
-
 def test_bc_loss_falls_and_shapes(detour_ds):
     policy = BCPolicy.from_dataset(detour_ds, horizon=8, n_action_steps=4, hidden=64, layers=2)
     fit(policy, detour_ds, steps=150, batch_size=64, progress=False)
