@@ -23,6 +23,8 @@ SHIPPED = {
     "detour": ("labkit/Detour-v0", {}, 200, 0),
     "pusht": ("labkit/PushT-v0", {}, 200, 0),
     "pusht_pixels": ("labkit/PushT-v0", {"obs_mode": "pixels"}, 50, 0),
+    # The imperfect expert's episodes, failures included (RECAP-style methods learn from both).
+    "peg": ("labkit/PegInsert-v0", {}, 200, 0),
 }
 EVAL_SEED = 1000
 # `labkit train --policy NAME` -> class in labkit.policies

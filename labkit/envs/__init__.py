@@ -15,6 +15,7 @@ import gymnasium as gym
 TASKS = {
     "labkit/Detour-v0": ("labkit.envs.detour:DetourEnv", "labkit.envs.detour:DetourExpert", 100),
     "labkit/PushT-v0": ("labkit.envs.pusht:PushTEnv", "labkit.envs.pusht:PushTExpert", 300),
+    "labkit/PegInsert-v0": ("labkit.envs.peg:PegInsertEnv", "labkit.envs.peg:PegInsertExpert", 60),
 }
 
 for _id, (_entry, _expert, _steps) in TASKS.items():
