@@ -68,7 +68,9 @@ class EvalResult:
 
 
 def _is_batched_policy(policy) -> bool:
-    return hasattr(policy, "select_action") and hasattr(policy, "predict_action_chunk")
+    # The runtime contract (labkit policies and RL wrappers such as a per-step residual): batched
+    # select_action + reset(). Plain callables and scripted experts run one env at a time.
+    return hasattr(policy, "select_action") and hasattr(policy, "reset")
 
 
 def evaluate(policy, env_id: str, episodes: int = 50, seed: int = 0, env_kwargs: dict | None = None,

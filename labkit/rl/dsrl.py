@@ -23,21 +23,20 @@ convention of labkit.rl (see returns.chunk_discount).
 from __future__ import annotations
 
 import dataclasses
-from collections import deque
 from dataclasses import dataclass
 
 import gymnasium as gym
 import numpy as np
 import torch
 from gymnasium import spaces
-from tqdm.auto import tqdm
 
 from labkit.rl.actor import TanhGaussianActor, Temperature
 from labkit.rl.buffer import ReplayBuffer, flatten_obs
 from labkit.rl.critics import QEnsemble, min_of_random_subset, polyak_update, target_copy
+from labkit.rl.loop import ENV_KEY, ChunkRuntime, OffPolicyAgent, PolicyChunkEnv, frozen
 from labkit.rl.returns import chunk_discount
 
-ENV_KEY = {"observation.state": "state", "observation.proprio": "proprio", "observation.images.top": "pixels"}
+__all__ = ["DSRL", "DSRLConfig", "ENV_KEY", "NoiseSpaceEnv", "SteeredPolicy", "actor_input", "denoise"]
 
 
 # ---- the frozen base policy as a map (obs history, noise) -> chunk ------------------------------
@@ -55,13 +54,7 @@ def denoise(policy, history: dict[str, torch.Tensor], noise: torch.Tensor, steps
     return policy.sample(policy.normalize_obs(history), noise=noise, steps=steps, stochastic=False).actions
 
 
-def _frozen(policy):
-    policy.eval()
-    policy.requires_grad_(False)
-    return policy
-
-
-class NoiseSpaceEnv(gym.Wrapper):
+class NoiseSpaceEnv(PolicyChunkEnv):
     """The task seen through a frozen generative policy: action = its initial noise w.
 
     Observation: the policy's observation history {dataset key: [obs_horizon, ...]} in physical units
@@ -70,79 +63,37 @@ class NoiseSpaceEnv(gym.Wrapper):
     which the first `n_action_steps` are executed, stopping early at an episode's end (ChunkWrapper's
     semantics). Reward: the executed steps' sum. info adds `is_success` (any executed step),
     `chunk_steps`, `chunk_rewards`, `chunk` (the normalised full chunk, for DSRL-NA's action critic)
-    and `actions` (the executed physical actions).
+    and `actions` (the executed physical actions). See `labkit.rl.loop.PolicyChunkEnv`.
     """
 
     def __init__(self, env: gym.Env, policy, noise_bound: float = 1.5, denoise_steps: int | None = None):
-        super().__init__(env)
-        self.policy = _frozen(policy)
-        c = policy.config
-        self.obs_keys, self.obs_horizon = list(c.obs_keys), c.obs_horizon
-        self.horizon, self.execute, self.denoise_steps = c.horizon, c.n_action_steps, denoise_steps
-        self.noise_dim = c.horizon * policy.action_dim
+        super().__init__(env, frozen(policy))
         if noise_bound <= 0:
             raise ValueError(f"noise_bound must be positive, got {noise_bound}")
-        self.noise_bound = float(noise_bound)
+        self.noise_bound, self.denoise_steps = float(noise_bound), denoise_steps
+        self.noise_dim = self.chunk_dim
         self.action_space = spaces.Box(-self.noise_bound, self.noise_bound, (self.noise_dim,), np.float32)
-        self.observation_space = spaces.Dict({
-            k: spaces.Box(-np.inf, np.inf, (self.obs_horizon, *policy.shapes[k]), np.float32) for k in self.obs_keys})
-        self._history: deque = deque(maxlen=self.obs_horizon)
-
-    def _push(self, obs: dict) -> None:
-        missing = [ENV_KEY.get(k, k) for k in self.obs_keys if ENV_KEY.get(k, k) not in obs]
-        if missing:
-            raise KeyError(f"the policy needs env observations {missing}; the env gives {sorted(obs)}")
-        self._history.append({k: np.asarray(obs[ENV_KEY.get(k, k)], np.float32) for k in self.obs_keys})
-
-    def _obs(self) -> dict[str, np.ndarray]:
-        return {k: np.stack([h[k] for h in self._history]) for k in self.obs_keys}
-
-    def reset(self, **kwargs):
-        obs, info = self.env.reset(**kwargs)
-        self._history.clear()
-        for _ in range(self.obs_horizon):
-            self._push(obs)
-        return self._obs(), info
 
     def chunk(self, noise) -> torch.Tensor:
         """The normalised chunk [H, A] that `noise` makes at the current observation history."""
         w = torch.as_tensor(np.asarray(noise, np.float32)).reshape(1, -1)
         if w.shape[1] != self.noise_dim:
             raise ValueError(f"noise must have {self.noise_dim} numbers (horizon * action_dim), got {w.shape[1]}")
-        history = {k: torch.as_tensor(v)[None] for k, v in self._obs().items()}
-        return denoise(self.policy, history, w, self.denoise_steps)[0]
+        return denoise(self.policy, self.history(), w, self.denoise_steps)[0]
 
     def step(self, noise):
-        chunk = self.chunk(np.clip(noise, -self.noise_bound, self.noise_bound))
-        actions = self.policy.normalizer.unnormalize("action", chunk).cpu().numpy().astype(np.float32)
-        rewards, executed, success = [], [], False
-        obs, terminated, truncated, info = None, False, False, {}
-        for a in actions[: self.execute]:
-            obs, r, terminated, truncated, info = self.env.step(a)
-            self._push(obs)
-            rewards.append(float(r))
-            executed.append(a)
-            success = success or bool(info.get("is_success", False))
-            if terminated or truncated:  # never step past an episode's end
-                break
-        info = {**info, "is_success": success, "chunk_steps": len(rewards), "chunk_rewards": np.array(rewards),
-                "chunk": chunk.cpu().numpy(), "actions": np.stack(executed)}
-        return self._obs(), float(np.sum(rewards)), terminated, truncated, info
+        return super().step(self.chunk(np.clip(noise, -self.noise_bound, self.noise_bound)))
 
 
-class SteeredPolicy:
+class SteeredPolicy(ChunkRuntime):
     """The base policy steered by the actor's deterministic noise, with the batched `Policy` runtime
     interface (`reset`, `select_action`, `predict_action_chunk`) that `labkit.eval.evaluate` drives."""
 
     def __init__(self, policy, actor: TanhGaussianActor, denoise_steps: int | None = None,
                  deterministic: bool = True):
-        self.policy, self.actor, self.denoise_steps = _frozen(policy), actor, denoise_steps
+        self.policy, self.actor, self.denoise_steps = frozen(policy), actor, denoise_steps
         self.deterministic = deterministic
         self.reset()
-
-    def reset(self) -> None:
-        self._history: deque = deque(maxlen=self.policy.config.obs_horizon)
-        self._queue: torch.Tensor | None = None
 
     @torch.no_grad()
     def predict_action_chunk(self, history: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -150,23 +101,6 @@ class SteeredPolicy:
         history = {k: torch.as_tensor(v).float() for k, v in history.items()}
         w, _ = self.actor(actor_input(self.policy, history), deterministic=self.deterministic)
         return self.policy.normalizer.unnormalize("action", denoise(self.policy, history, w, self.denoise_steps))
-
-    @torch.no_grad()
-    def select_action(self, obs: dict[str, np.ndarray]) -> np.ndarray:
-        frame, single = self.policy._env_obs_to_frame(obs)
-        if not self._history:
-            self._history.extend([frame] * self.policy.config.obs_horizon)
-        else:
-            self._history.append(frame)
-        if self._queue is None or self._queue.shape[1] == 0:
-            batch = {k: torch.stack([h[k] for h in self._history], dim=1) for k in frame}
-            self._queue = self.predict_action_chunk(batch)[:, : self.policy.config.n_action_steps]
-        action, self._queue = self._queue[:, 0], self._queue[:, 1:]
-        action = action.cpu().numpy().astype(np.float32)
-        return action[0] if single else action
-
-    def __call__(self, obs):
-        return self.select_action(obs)
 
 
 # ---- the trainer ----------------------------------------------------------------------------------
@@ -205,7 +139,7 @@ class DSRLConfig:
             raise ValueError(f"utd and batch_size must be >= 1, got {self.utd}, {self.batch_size}")
 
 
-class DSRL:
+class DSRL(OffPolicyAgent):
     """SAC in the noise space of a frozen generative policy (variant "sac"), or DSRL-NA (variant "na").
 
         agent = DSRL(flow_policy, "labkit/Detour-v0", DSRLConfig(utd=10))
@@ -222,12 +156,12 @@ class DSRL:
         c = config
         torch.manual_seed(c.seed)
         self.gen = torch.Generator().manual_seed(c.seed)
-        self.policy = _frozen(policy)
-        self.env = NoiseSpaceEnv(gym.make(env_id, **self.env_kwargs), policy, c.noise_bound, c.denoise_steps)
+        self.policy = frozen(policy)
+        env = NoiseSpaceEnv(gym.make(env_id, **self.env_kwargs), policy, c.noise_bound, c.denoise_steps)
         pc = policy.config
         self.noise_shape = (pc.horizon, policy.action_dim)
-        noise_dim = self.env.noise_dim
-        obs_shapes = {k: tuple(s.shape) for k, s in self.env.observation_space.spaces.items()}
+        noise_dim = env.noise_dim
+        obs_shapes = {k: tuple(s.shape) for k, s in env.observation_space.spaces.items()}
         obs_dim = sum(int(np.prod(s)) for s in obs_shapes.values())
 
         net = dict(hidden=c.hidden, ensemble=c.ensemble, layer_norm=c.layer_norm, activation=c.activation)
@@ -246,10 +180,11 @@ class DSRL:
         fields = {"obs": obs_shapes, "noise": (noise_dim,), "chunk": (noise_dim,), "reward": (),
                   "next_obs": obs_shapes, "discount": ()}
         self.buffer = ReplayBuffer(c.buffer_size, fields)
-        self.env_steps, self.updates, self.episodes = 0, 0, 0
-        self.log: list[dict] = []  # one dict of losses per gradient step
-        self._obs, _ = self.env.reset(seed=c.seed)
-        self._episode_seed = c.seed
+        self.start(env)
+
+    @property
+    def name(self) -> str:
+        return f"DSRL-{self.config.variant.upper()}"
 
     # ---- acting ---------------------------------------------------------------------------------
     def _x(self, obs: dict) -> torch.Tensor:
@@ -269,12 +204,7 @@ class DSRL:
             "reward": [reward], "next_obs": {k: v[None] for k, v in next_obs.items()},
             "discount": chunk_discount(info["chunk_steps"], terminated, self.config.gamma).view(1)})
         self.env_steps += info["chunk_steps"]
-        info["episode_done"] = terminated or truncated
-        if terminated or truncated:
-            self.episodes += 1
-            self._episode_seed += 1
-            next_obs, _ = self.env.reset(seed=self._episode_seed)
-        self._obs = next_obs
+        info.update(reward=reward, episode_done=self.advance(next_obs, terminated, truncated))
         return info
 
     # ---- learning -------------------------------------------------------------------------------
@@ -337,65 +267,12 @@ class DSRL:
         self.log.append(out)
         return out
 
-    # ---- the loop -------------------------------------------------------------------------------
+    # ---- evaluation (the loop itself is OffPolicyAgent.train) ------------------------------------
     def steered_policy(self) -> SteeredPolicy:
         """The base policy steered by the actor's deterministic (mode) noise, for `labkit.eval.evaluate`."""
         return SteeredPolicy(self.policy, self.actor, self.config.denoise_steps)
 
-    def evaluate(self, episodes: int = 50, seed: int = 10_000, progress: bool = False):
-        from labkit.eval import evaluate
-
-        self.actor.eval()
-        try:
-            return evaluate(self.steered_policy(), self.env_id, episodes, seed, env_kwargs=self.env_kwargs,
-                            progress=progress)
-        finally:
-            self.actor.train()
-
-    def train(self, env_steps: int, eval_every: int | None = None, eval_episodes: int = 20,
-              progress: bool = True, eval_seed: int = 10_000) -> list[dict]:
-        """Warm up with base-policy rollouts (first call only), then alternate one chunk of
-        env interaction with `utd` gradient steps until `env_steps` more env steps have run.
-        Returns a history: one dict per evaluation (env_steps, success, critic_loss, ...)."""
-        c = self.config
-        target = self.env_steps + env_steps
-        history: list[dict] = []
-        bar = tqdm(total=env_steps, desc=f"DSRL-{c.variant.upper()}", disable=not progress)
-        next_eval, since = (self.env_steps + eval_every) if eval_every else None, len(self.log)
-        returns, ep_return = [], 0.0
-
-        def record() -> None:
-            nonlocal since
-            logs = self.log[since:]
-            row = {"env_steps": self.env_steps, "updates": self.updates, "episodes": self.episodes,
-                   **{k: float(np.mean([r[k] for r in logs])) for k in (logs[0] if logs else {})},
-                   "train_return": float(np.mean(returns[-20:])) if returns else float("nan")}
-            if eval_episodes > 0:
-                result = self.evaluate(eval_episodes, eval_seed)
-                row.update(success=result.success_rate, eval_return=float(result.returns.mean()))
-            history.append(row)
-            since = len(self.log)
-            bar.set_postfix({k: f"{row[k]:.3g}" for k in ("success", "critic_loss") if k in row})
-
-        while self.env_steps < target:
-            warm = len(self.buffer) == 0 or self.env_steps < c.warmup_steps
-            before = self.env_steps
-            info = self.collect(random=warm)
-            ep_return += float(info["chunk_rewards"].sum())
-            if info["episode_done"]:
-                returns.append(ep_return)
-                ep_return = 0.0
-            if not warm:
-                for _ in range(c.utd):
-                    self.update()
-            bar.update(min(self.env_steps, target) - min(before, target))
-            if next_eval is not None and self.env_steps >= next_eval:
-                record()
-                next_eval += eval_every
-        if not history or history[-1]["env_steps"] != self.env_steps:
-            record()
-        bar.close()
-        return history
+    eval_policy = steered_policy
 
     def state_dict(self) -> dict:
         """The trained parts (the base policy is frozen and saved on its own)."""

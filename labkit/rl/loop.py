@@ -1,0 +1,246 @@
+"""The off-policy loop every finetuning method shares, and the two runtime pieces chunked methods share.
+
+    OffPolicyAgent  warm-up, then alternate one agent step of interaction (a chunk, or an env step)
+                    with `utd` gradient steps; periodic evaluation through `labkit.eval.evaluate`;
+                    a history of dicts {env_steps, updates, episodes, mean losses, train_return, success}.
+                    A method fills in `collect(random)`, `update()` and `eval_policy()`.
+    PolicyChunkEnv  the task as a chunked policy sees it: observation = the policy's observation history,
+                    action = a normalised action chunk, of which `n_action_steps` are executed.
+    ChunkRuntime    the `Policy` runtime contract (`reset`, batched `select_action` with an action queue)
+                    on top of a method's `predict_action_chunk`, so `labkit.eval.evaluate` can run it.
+
+The loop is RLPD's: one agent step, then `utd` updates on replayed batches. Episode i of training starts
+from `reset(seed=config.seed + i)`, so a run is reproducible; evaluation uses its own seeds
+(`eval_seed + j`), so successive evaluations meet the same initial states.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections import deque
+
+import gymnasium as gym
+import numpy as np
+import torch
+from gymnasium import spaces
+from tqdm.auto import tqdm
+
+# Dataset feature names -> env observation keys (inverse of labkit.policies.ENV_TO_DATA).
+ENV_KEY = {"observation.state": "state", "observation.proprio": "proprio", "observation.images.top": "pixels"}
+
+
+def frozen(policy):
+    """The policy in eval mode with gradients off: a base that RL steers or corrects but never trains."""
+    policy.eval()
+    policy.requires_grad_(False)
+    return policy
+
+
+class OffPolicyAgent(ABC):
+    """The shared training loop. A subclass sets, in its `__init__`:
+        self.config  with `warmup_steps`, `utd` and `seed`
+        self.env_id, self.env_kwargs, self.buffer (the online replay buffer)
+    and calls `self.start(env)`; `collect` advances `self.env_steps` and calls `self.advance(...)`;
+    `update` appends its losses (a dict) to `self.log`.
+    """
+
+    name = "agent"  # the progress bar's label
+
+    def start(self, env: gym.Env) -> None:
+        """Take `env` as the training env and begin the first episode (seeded by config.seed)."""
+        self.env = env
+        self.env_steps, self.updates, self.episodes = 0, 0, 0
+        self.log: list[dict] = []  # one dict of losses per gradient step
+        self._episode_seed = self.config.seed
+        self._obs, _ = env.reset(seed=self._episode_seed)
+
+    def advance(self, next_obs, terminated: bool, truncated: bool) -> bool:
+        """Move to `next_obs`, or to the next seeded episode when this one ended; returns whether it ended."""
+        done = bool(terminated or truncated)
+        if done:
+            self.episodes += 1
+            self._episode_seed += 1
+            next_obs, _ = self.env.reset(seed=self._episode_seed)
+        self._obs = next_obs
+        return done
+
+    # ---- what a method provides ---------------------------------------------------------------
+    @abstractmethod
+    def collect(self, random: bool = False) -> dict:
+        """One agent step in the env, stored in the buffer. `random`: warm-up behaviour (usually the
+        base policy, perhaps with noise). Returns at least {"reward": env reward summed over the
+        steps taken, "episode_done": bool, "is_success": bool}."""
+
+    @abstractmethod
+    def update(self) -> dict:
+        """One gradient step (of every network the method trains); returns and logs its losses."""
+
+    @abstractmethod
+    def eval_policy(self):
+        """The current policy as something `labkit.eval.evaluate` runs (a batched runtime policy)."""
+
+    def warming_up(self) -> bool:
+        """Whether to act with warm-up behaviour and skip updates."""
+        return len(self.buffer) == 0 or self.env_steps < self.config.warmup_steps
+
+    def stats(self) -> dict:
+        """Extra numbers for the history row (e.g. a diagnostic counted while acting); reset after reading."""
+        return {}
+
+    # ---- evaluation and the loop --------------------------------------------------------------
+    def evaluate(self, episodes: int = 50, seed: int = 10_000, progress: bool = False):
+        """Success rate (with its Wilson interval) of `eval_policy()` over seeded episodes."""
+        from labkit.eval import evaluate
+
+        return evaluate(self.eval_policy(), self.env_id, episodes, seed, env_kwargs=self.env_kwargs,
+                        progress=progress)
+
+    def train(self, env_steps: int, eval_every: int | None = None, eval_episodes: int = 20,
+              progress: bool = True, eval_seed: int = 10_000) -> list[dict]:
+        """Warm up (until `config.warmup_steps` env steps have run), then alternate one agent step of
+        interaction with `utd` gradient steps until `env_steps` more env steps have run. Evaluates
+        every `eval_every` env steps and at the end. Returns the history: one dict per evaluation."""
+        if env_steps < 1:
+            raise ValueError(f"env_steps must be >= 1, got {env_steps}")
+        if eval_every is not None and eval_every < 1:
+            raise ValueError(f"eval_every must be >= 1 (or None: evaluate at the end only), got {eval_every}")
+        target = self.env_steps + env_steps
+        history: list[dict] = []
+        bar = tqdm(total=env_steps, desc=self.name, disable=not progress)
+        next_eval, since = (self.env_steps + eval_every) if eval_every else None, len(self.log)
+        returns, successes, ep_return, ep_success = [], [], 0.0, False
+
+        def record() -> None:
+            nonlocal since
+            logs = self.log[since:]
+            keys = dict.fromkeys(k for r in logs for k in r)  # union, in first-seen order
+            row = {"env_steps": self.env_steps, "updates": self.updates, "episodes": self.episodes,
+                   **{k: float(np.mean([r[k] for r in logs if k in r])) for k in keys},
+                   "train_return": float(np.mean(returns[-20:])) if returns else float("nan"), **self.stats()}
+            if successes:
+                row["train_success"] = float(np.mean(successes[-20:]))
+            if eval_episodes > 0:
+                result = self.evaluate(eval_episodes, eval_seed)
+                row.update(success=result.success_rate, eval_return=float(result.returns.mean()))
+            history.append(row)
+            since = len(self.log)
+            bar.set_postfix({k: f"{row[k]:.3g}" for k in ("success", "critic_loss") if k in row})
+
+        while self.env_steps < target:
+            warm = self.warming_up()
+            before = self.env_steps
+            info = self.collect(random=warm)
+            ep_return += float(info["reward"])
+            ep_success = ep_success or bool(info.get("is_success", False))
+            if info["episode_done"]:
+                returns.append(ep_return)
+                successes.append(ep_success)
+                ep_return, ep_success = 0.0, False
+            if not warm:
+                for _ in range(self.config.utd):
+                    self.update()
+            bar.update(min(self.env_steps, target) - min(before, target))
+            if next_eval is not None and self.env_steps >= next_eval:
+                record()
+                next_eval += eval_every
+        if not history or history[-1]["env_steps"] != self.env_steps:
+            record()
+        bar.close()
+        return history
+
+
+class PolicyChunkEnv(gym.Wrapper):
+    """The task seen through a chunked labkit policy: action = a normalised action chunk.
+
+    Observation: the policy's observation history {dataset key: [obs_horizon, ...]} in physical units
+    (the first frame repeated at reset, as `Policy.select_action` does). Action: a chunk [horizon * A]
+    (flattened, in the policy's normalised action space) of which the first `n_action_steps` are
+    unnormalised and executed, stopping early at an episode's end (ChunkWrapper's semantics). Reward:
+    the executed steps' sum. info adds `is_success` (any executed step), `chunk_steps`, `chunk_rewards`,
+    `chunk` (the normalised chunk [H, A]) and `actions` (the executed physical actions).
+    """
+
+    def __init__(self, env: gym.Env, policy):
+        super().__init__(env)
+        self.policy = policy  # only its config and normaliser are used here
+        c = policy.config
+        self.obs_keys, self.obs_horizon = list(c.obs_keys), c.obs_horizon
+        self.horizon, self.execute = c.horizon, c.n_action_steps
+        self.chunk_dim = c.horizon * policy.action_dim
+        self.action_space = spaces.Box(-1.0, 1.0, (self.chunk_dim,), np.float32)
+        self.observation_space = spaces.Dict({
+            k: spaces.Box(-np.inf, np.inf, (self.obs_horizon, *policy.shapes[k]), np.float32) for k in self.obs_keys})
+        self._history: deque = deque(maxlen=self.obs_horizon)
+
+    def _push(self, obs: dict) -> None:
+        missing = [ENV_KEY.get(k, k) for k in self.obs_keys if ENV_KEY.get(k, k) not in obs]
+        if missing:
+            raise KeyError(f"the policy needs env observations {missing}; the env gives {sorted(obs)}")
+        self._history.append({k: np.asarray(obs[ENV_KEY.get(k, k)], np.float32) for k in self.obs_keys})
+
+    def _obs(self) -> dict[str, np.ndarray]:
+        return {k: np.stack([h[k] for h in self._history]) for k in self.obs_keys}
+
+    def history(self) -> dict[str, torch.Tensor]:
+        """The current observation history as a batch of one {key: [1, obs_horizon, ...]}."""
+        return {k: torch.as_tensor(v)[None] for k, v in self._obs().items()}
+
+    def reset(self, **kwargs):
+        obs, info = self.env.reset(**kwargs)
+        self._history.clear()
+        for _ in range(self.obs_horizon):
+            self._push(obs)
+        return self._obs(), info
+
+    def step(self, chunk):
+        chunk = torch.as_tensor(np.asarray(chunk, np.float32)).reshape(-1)
+        if chunk.numel() != self.chunk_dim:
+            raise ValueError(f"a chunk must have {self.chunk_dim} numbers (horizon * action_dim), got {chunk.numel()}")
+        chunk = chunk.view(self.horizon, -1)
+        actions = self.policy.normalizer.unnormalize("action", chunk).cpu().numpy().astype(np.float32)
+        rewards, executed, success = [], [], False
+        obs, terminated, truncated, info = None, False, False, {}
+        for a in actions[: self.execute]:
+            obs, r, terminated, truncated, info = self.env.step(a)
+            self._push(obs)
+            rewards.append(float(r))
+            executed.append(a)
+            success = success or bool(info.get("is_success", False))
+            if terminated or truncated:  # never step past an episode's end
+                break
+        info = {**info, "is_success": success, "chunk_steps": len(rewards), "chunk_rewards": np.array(rewards),
+                "chunk": chunk.cpu().numpy(), "actions": np.stack(executed)}
+        return self._obs(), float(np.sum(rewards)), terminated, truncated, info
+
+
+class ChunkRuntime:
+    """`reset()` and batched `select_action(obs)` with an observation history and an action queue, on
+    top of the subclass's `predict_action_chunk(history) -> [B, H, A]` (physical units): the runtime
+    contract of `labkit.policies.Policy`, for wrappers built on a base policy `self.policy`."""
+
+    policy = None  # the wrapped labkit policy: its config, normaliser and observation parsing
+
+    def reset(self) -> None:
+        self._history: deque = deque(maxlen=self.policy.config.obs_horizon)
+        self._queue: torch.Tensor | None = None
+
+    def predict_action_chunk(self, history: dict[str, torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def select_action(self, obs: dict[str, np.ndarray]) -> np.ndarray:
+        """One env observation (or a batch) -> the next action [A] (or [B, A]); a new chunk when the queue is empty."""
+        frame, single = self.policy._env_obs_to_frame(obs)
+        if not self._history:
+            self._history.extend([frame] * self.policy.config.obs_horizon)
+        else:
+            self._history.append(frame)
+        if self._queue is None or self._queue.shape[1] == 0:
+            batch = {k: torch.stack([h[k] for h in self._history], dim=1) for k in frame}
+            self._queue = self.predict_action_chunk(batch)[:, : self.policy.config.n_action_steps]
+        action, self._queue = self._queue[:, 0], self._queue[:, 1:]
+        action = action.cpu().numpy().astype(np.float32)
+        return action[0] if single else action
+
+    def __call__(self, obs):
+        return self.select_action(obs)
