@@ -32,6 +32,7 @@ POLICY_CLASSES = {
     "FlowPolicy": "labkit.policies.flow:FlowPolicy",
     "PostBCFlowPolicy": "labkit.policies.postbc:PostBCFlowPolicy",
     "PostBCDiffusionPolicy": "labkit.policies.postbc:PostBCDiffusionPolicy",
+    "AdvantageFlowPolicy": "labkit.rl.recap:AdvantageFlowPolicy",
 }
 
 
