@@ -64,6 +64,26 @@ BARS: dict[str, dict[str, tuple]] = {
         "coverage_postbc": ("between", (0.0, 1.0)),
         "success_bc": ("<=", 0.4),  # MSE-BC still averages the modes with 20 demos
     },
+    "04_rl_finetuning_offpolicy": {
+        # The shipped peg demos: the biased expert succeeds in 37.5% of 200 (the card).
+        "demo_success": ("between", (0.3, 0.45)),
+        # FAST trains for seconds: these catch broken plumbing (NaN, crashes), not a level; the lesson's
+        # exercises are checked against labkit's own TD target, residual action and noise-space env.
+        "base_bc_success": ("between", (0.0, 1.0)),
+        "base_flow_success": ("between", (0.0, 1.0)),
+        "residual_success": ("between", (0.0, 1.0)),
+        "dsrl_success": ("between", (0.0, 1.0)),
+        "expo_success": ("between", (0.0, 1.0)),
+        "dsrl_postbc_success": ("between", (0.0, 1.0)),
+    },
+    "05_policy_gradient_and_advantage_conditioning": {
+        "base_success": ("between", (0.0, 1.0)),
+        "dppo_success": ("between", (0.0, 1.0)),
+        "dppo_env_steps": (">=", 480),  # 2 iterations of 8 envs x 15 chunks of up to 4 steps ran
+        "recap_success_beta0": ("between", (0.0, 1.0)),
+        "recap_success_beta1": ("between", (0.0, 1.0)),
+        "recap_success_beta3": ("between", (0.0, 1.0)),
+    },
 }
 
 SOLUTION_NAMES = sorted(p.stem for p in SOLUTIONS.glob("*.ipynb"))
