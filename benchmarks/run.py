@@ -185,10 +185,53 @@ def bench_policies(steps: int = 100, calls: int = 30) -> list[dict]:
     return rows
 
 
+def bench_rl(env_steps: int = 1000) -> list[dict]:
+    """Per RL method on PegInsert-v0 (state): environment steps and gradient updates per second of
+    `train` after warm-up, with the lesson 04/05 settings. (DSRL-NA is left out: its 10 distillation
+    steps per update each denoise a batch of 256 chunks, over 0.5 s per update on this CPU.) Bases are trained for 200 steps only:
+    speed does not depend on how good they are. Evaluation is off (eval_episodes=0)."""
+    import copy
+
+    from labkit.data import load_dataset
+    from labkit.policies import BCPolicy, FlowPolicy, fit
+    from labkit.rl import DPPO, DSRL, EXPO, DPPOConfig, DSRLConfig, EXPOConfig, ResidualConfig, ResidualRL
+
+    env = "labkit/PegInsert-v0"
+    data = load_dataset(HERE.parent / "datasets" / "peg")
+    chunking = dict(horizon=8, n_action_steps=4, obs_horizon=2)
+    bc = fit(BCPolicy.from_dataset(data, **chunking), data, steps=200, progress=False)
+    flow = fit(FlowPolicy.from_dataset(data, **chunking, steps=10), data, steps=200, progress=False)
+    agents = {
+        "ResFiT (residual TD3), UTD 2": lambda: ResidualRL(bc, env, ResidualConfig(warmup_steps=200, critic_warmup=100),
+                                                           demos=data),
+        "DSRL-SAC, UTD 4 per chunk": lambda: DSRL(copy.deepcopy(flow), env, DSRLConfig(utd=4, warmup_steps=200)),
+        "EXPO N=M=4, batch 128, UTD 2": lambda: EXPO(copy.deepcopy(flow), env, EXPOConfig(
+            n_samples=4, n_edits=4, batch_size=128, warmup_steps=200, critic_warmup=50), demos=data),
+    }
+    rows = []
+    for name, make in agents.items():
+        agent = make()
+        agent.train(400, eval_episodes=0, progress=False)  # past the warm-up
+        steps, updates, start = agent.env_steps, agent.updates, time.perf_counter()
+        agent.train(env_steps, eval_episodes=0, progress=False)
+        sec = time.perf_counter() - start
+        rows.append({"method": name, "env_steps_per_s": (agent.env_steps - steps) / sec,
+                     "updates_per_s": (agent.updates - updates) / sec})
+    agent = DPPO(copy.deepcopy(flow), env, DPPOConfig(n_steps=15, clip_eps=0.05, clip_eps_base=0.01))
+    start = time.perf_counter()
+    hist = agent.train(iterations=max(1, env_steps // 480), progress=False)
+    sec = time.perf_counter() - start
+    rows.append({"method": "DPPO, 8 envs x 15 chunks, 5 epochs", "env_steps_per_s": agent.env_steps / sec,
+                 "updates_per_s": sum(h.get("updates", 0) for h in hist) / sec})
+    for r in rows:
+        print(f"{r['method']:38s} {r['env_steps_per_s']:7.1f} env steps/s  {r['updates_per_s']:7.1f} updates/s")
+    return rows
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--quick", action="store_true", help="shorter timings (for a smoke run); writes nothing")
-    p.add_argument("--only", choices=["envs", "training", "policies"], action="append",
+    p.add_argument("--only", choices=["envs", "training", "policies", "rl"], action="append",
                    help="run only these parts and update them in results.json (repeatable)")
     a = p.parse_args()
     machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
@@ -196,7 +239,8 @@ def main():
     print(machine)
     parts = {"envs": lambda: bench_envs(0.5 if a.quick else 3.0),
              "bc_training": lambda: bench_training(50 if a.quick else 500),
-             "policies": lambda: bench_policies(20 if a.quick else 200)}
+             "policies": lambda: bench_policies(20 if a.quick else 200),
+             "rl": lambda: bench_rl(200 if a.quick else 1000)}
     only = {"training": "bc_training"}
     chosen = [only.get(o, o) for o in a.only] if a.only else list(parts)
     path = HERE / "results.json"
