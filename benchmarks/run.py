@@ -187,8 +187,8 @@ def bench_policies(steps: int = 100, calls: int = 30) -> list[dict]:
 
 def bench_rl(env_steps: int = 1000) -> list[dict]:
     """Per RL method on PegInsert-v0 (state): environment steps and gradient updates per second of
-    `train` after warm-up, with the lesson 04/05 settings. (DSRL-NA is left out: its 10 distillation
-    steps per update each denoise a batch of 256 chunks, over 0.5 s per update on this CPU.) Bases are trained for 200 steps only:
+    `train` after warm-up, with the lesson 04/05 settings. (DSRL-NA is left out: with 10 distillation
+    steps per update, each denoising a batch of 256 chunks, a run did not finish within ~20 minutes.) Bases are trained for 200 steps only:
     speed does not depend on how good they are. Evaluation is off (eval_episodes=0)."""
     import copy
 
