@@ -5,9 +5,12 @@ from pathlib import Path
 
 import gymnasium as gym
 import pytest
+import torch
 
 import labkit
+import labkit.cli
 from labkit.data import load_dataset, record
+from labkit.policies import FlowPolicy, fit
 
 _TESTS = str(Path(__file__).resolve().parent)
 if _TESTS not in sys.path:
@@ -26,3 +29,18 @@ def detour_ds(tmp_path_factory):
     root = record(env, labkit.envs.expert(env), tmp_path_factory.mktemp("d") / "detour", episodes=12, seed=0,
                   progress=False)
     return load_dataset(root, env_id="labkit/Detour-v0")
+
+
+# The RL tests' shared base (test_residual, test_expo): `demos` and `base_policy`, per module.
+@pytest.fixture(scope="module")
+def demos():
+    """6 shipped Detour demonstrations (with rewards and done flags, as RLPD's offline half needs)."""
+    return load_dataset(labkit.cli.DATASETS / "detour").select(range(6))
+
+
+@pytest.fixture(scope="module")
+def base_policy(demos):
+    """A tiny flow policy on 6 Detour demos: chunk 8, 4 executed, two observations stacked."""
+    torch.manual_seed(0)
+    policy = FlowPolicy.from_dataset(demos, horizon=8, n_action_steps=4, obs_horizon=2, hidden=64, layers=2, steps=5)
+    return fit(policy, demos, steps=150, batch_size=64, progress=False)

@@ -5,10 +5,7 @@ import pytest
 import torch
 
 import labkit  # noqa: F401  (before anything imports mujoco: picks the GL backend, registers tasks)
-import labkit.cli
-from labkit.data import load_dataset
 from labkit.eval import evaluate
-from labkit.policies import FlowPolicy, fit
 from labkit.rl.best_of_n import (
     BestOfN,
     best_of,
@@ -23,19 +20,6 @@ from labkit.rl.expo import EXPO, EXPOConfig
 
 ENV = "labkit/Detour-v0"
 GAMMA = 0.9
-
-
-@pytest.fixture(scope="module")
-def demos():
-    return load_dataset(labkit.cli.DATASETS / "detour").select(range(6))
-
-
-@pytest.fixture(scope="module")
-def base_policy(demos):
-    """A tiny flow policy on 6 Detour demos: chunk 8, 4 executed, two observations stacked."""
-    torch.manual_seed(0)
-    policy = FlowPolicy.from_dataset(demos, horizon=8, n_action_steps=4, obs_horizon=2, hidden=64, layers=2, steps=5)
-    return fit(policy, demos, steps=150, batch_size=64, progress=False)
 
 
 def copy_of(policy):
