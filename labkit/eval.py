@@ -166,3 +166,48 @@ def rollout_states(policy, env_id: str, episodes: int, seed: int = 0, key: str =
         out.append(np.stack(states))
     env.close()
     return out
+
+
+# --- Does a cheap evaluation rank policies like the real one? (PolaRiS / SIMPLER metrics) ---------
+
+def _paired(a, b) -> tuple[np.ndarray, np.ndarray]:
+    a, b = np.asarray(a, float).ravel(), np.asarray(b, float).ravel()
+    if a.shape != b.shape or a.size < 2:
+        raise ValueError(f"need two equally long lists of at least 2 scores, got {a.size} and {b.size}")
+    if not (np.isfinite(a).all() and np.isfinite(b).all()):
+        raise ValueError("scores must be finite (a NaN usually means an evaluation with 0 episodes)")
+    return a, b
+
+
+def pearson(real, proxy) -> float:
+    """Pearson correlation between real and proxy scores of the same policies (nan if either is constant)."""
+    a, b = _paired(real, proxy)
+    a, b = a - a.mean(), b - b.mean()
+    denom = math.sqrt(float((a * a).sum() * (b * b).sum()))
+    return float((a * b).sum() / denom) if denom > 0 else float("nan")
+
+
+def _ranks(x: np.ndarray) -> np.ndarray:
+    """Average ranks (ties share the mean of their positions), as Spearman's rho needs."""
+    order = np.argsort(x, kind="mergesort")
+    ranks = np.empty(len(x))
+    ranks[order] = np.arange(len(x), dtype=float)
+    for v in np.unique(x):
+        tie = x == v
+        ranks[tie] = ranks[tie].mean()
+    return ranks
+
+
+def spearman(real, proxy) -> float:
+    """Spearman rank correlation: Pearson on the ranks, so only the ordering matters."""
+    a, b = _paired(real, proxy)
+    return pearson(_ranks(a), _ranks(b))
+
+
+def mmrv(real, proxy) -> float:
+    """Mean Maximum Rank Violation (SIMPLER, PolaRiS): for each policy, the largest real-score gap to a
+    policy the proxy orders the other way round; averaged. 0 means no pair is inverted; a flipped pair
+    of near-equal policies costs little, a flipped pair far apart costs a lot."""
+    a, b = _paired(real, proxy)
+    flipped = (b[:, None] < b[None, :]) != (a[:, None] < a[None, :])
+    return float((np.abs(a[:, None] - a[None, :]) * flipped).max(axis=1).mean())

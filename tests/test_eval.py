@@ -52,3 +52,23 @@ def test_rollout_states_follow_the_policy_and_seed():
     assert len(a) == 2 and a[0].shape[1] == 6
     np.testing.assert_array_equal(a[1], b[1])
     assert a[0][-1, 1] > a[0][0, 1]  # it moved up
+
+
+def test_ranking_metrics_by_hand():
+    from labkit.eval import mmrv, pearson, spearman
+
+    assert pearson([1, 2, 3], [2, 4, 6]) == pytest.approx(1.0)
+    assert pearson([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    # x = (0, 1, 2), y = (0, 2, 1): cov = 0.5 * 2 / ... by hand r = 0.5
+    assert pearson([0, 1, 2], [0, 2, 1]) == pytest.approx(0.5)
+    assert spearman([1, 2, 3], [10, 50, 40]) == pytest.approx(0.5)  # ranks (0,1,2) vs (0,2,1)
+    assert spearman([1, 2, 3], [1, 4, 9]) == pytest.approx(1.0)  # monotone, not linear
+    # One inverted pair (0.5 vs 0.9, gap 0.4): policies 1 and 2 each carry 0.4, policy 0 none.
+    assert mmrv([0.1, 0.5, 0.9], [0.2, 0.6, 0.5]) == pytest.approx(0.8 / 3)
+    assert mmrv([0.1, 0.5, 0.9], [1, 2, 3]) == 0.0
+    # Fully reversed: each policy's worst violation is its largest gap.
+    assert mmrv([0.0, 0.5, 1.0], [3, 2, 1]) == pytest.approx((1.0 + 0.5 + 1.0) / 3)
+    with pytest.raises(ValueError, match="equally long"):
+        pearson([1, 2], [1, 2, 3])
+    with pytest.raises(ValueError, match="finite"):
+        mmrv([0.1, float("nan")], [1, 2])
