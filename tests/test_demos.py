@@ -81,6 +81,15 @@ def test_one_step_collapses_to_the_mean():
     assert toy2d.mode_fractions(uni, toy2d.sample_flow(uni, 200, 1)[-1])[0][0] == 1.0
 
 
+def test_flow_from_given_noise_is_the_same_map():
+    # DSRL steers x0: giving the noise must reproduce the seeded chain exactly, and reject a wrong shape.
+    mix = toy2d.mixture(3)
+    paths = toy2d.sample_flow(mix, 50, 8, seed=3)
+    np.testing.assert_array_equal(toy2d.sample_flow(mix, 50, 8, noise=paths[0]), paths)
+    with pytest.raises(ValueError, match="noise must have shape"):
+        toy2d.sample_flow(mix, 50, 8, noise=paths[0][:10])
+
+
 def test_bad_input_is_named():
     with pytest.raises(ValueError, match="at least 1 mode"):
         toy2d.mixture(0)
@@ -114,6 +123,9 @@ def test_demo_runs_headless(path):
     if path.stem == "denoising":
         assert figures, "the denoising demo should show a figure"
         assert defs["paths"].shape == (defs["steps"].value + 1, defs["n_samples"].value, 2)
+    if path.stem == "noise_steering":  # a target on a mode: steering the noise reaches it; the base gets half
+        first, last = defs["history"][0][1], defs["history"][-1][1]
+        assert first < 0.6 and last > 0.9 and defs["best_reachable"] > 0.9, (first, last)
     if path.stem == "mode_averaging":  # at the default coin-flip expert: the mean hits the wall, samples do not
         assert defs["mse_hits"].mean() >= 0.5 and defs["gen_hits"].mean() <= 0.1, (defs["mse_hits"].mean(),
                                                                                     defs["gen_hits"].mean())

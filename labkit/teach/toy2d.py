@@ -148,18 +148,22 @@ def sample_ddpm(mix: Mixture, n: int, steps: int, eta: float = 1.0, seed: int = 
     return sample_ddim(mix, n, steps, eta=eta, seed=seed, T=T, clip=clip)
 
 
-def sample_flow(mix: Mixture, n: int, steps: int, sigma: float = 0.0, seed: int = 0) -> np.ndarray:
+def sample_flow(mix: Mixture, n: int, steps: int, sigma: float = 0.0, seed: int = 0,
+                noise: np.ndarray | None = None) -> np.ndarray:
     """Euler steps of dx/dt = v*(x, t) from noise at t = 0 to t = 1, as FlowPolicy samples.
 
     sigma > 0 is FlowPolicy's stochastic mode (Euler-Maruyama, x' = x + v dt + sigma sqrt(dt) z): with no
     score correction the noise widens each mode (by up to ~sigma^2 in variance), which the demo shows.
-    Returns paths [steps+1, n, 2]; paths[0] ~ N(0, I) is x0.
+    `noise` [n, 2] gives x0 instead of drawing it (what DSRL steers). Returns paths [steps+1, n, 2];
+    paths[0] is x0, ~ N(0, I) unless given.
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     rng = np.random.default_rng(seed)
     dt = 1.0 / steps
-    x = rng.standard_normal((n, 2))
+    if noise is not None and np.shape(noise) != (n, 2):
+        raise ValueError(f"noise must have shape ({n}, 2), got {np.shape(noise)}")
+    x = rng.standard_normal((n, 2)) if noise is None else np.asarray(noise, float)
     paths = [x]
     for i in range(steps):
         x = x + mixture_velocity(mix, x, i * dt) * dt
