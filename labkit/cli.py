@@ -129,6 +129,12 @@ def main(argv=None) -> int:
     e.add_argument("env_id")
     e.add_argument("--episodes", type=int, default=100)
     e.add_argument("--seed", type=int, default=EVAL_SEED)
+    r = sub.add_parser("grade", help="run a student notebook and score each exercise (Gradescope results.json)")
+    r.add_argument("notebook")
+    r.add_argument("--solution", help="its solution notebook (default: ../solutions/<same name>)")
+    r.add_argument("--out", help="write Gradescope's results.json here")
+    r.add_argument("--full", action="store_true", help="run with FAST=False (default: FAST=True)")
+    r.add_argument("--timeout", type=int, default=600, help="seconds per cell")
     a = p.parse_args(argv)
 
     if a.cmd == "demo":
@@ -147,6 +153,13 @@ def main(argv=None) -> int:
         policy = getattr(policies, POLICIES[a.policy]).from_dataset(ds, horizon=a.horizon,
                                                                     n_action_steps=a.n_action_steps)
         print(f"saved {fit(policy, ds, steps=a.steps).save(a.out)}")
+    elif a.cmd == "grade":
+        from labkit.teach.grade import main as grade_main
+
+        try:
+            return grade_main(a.notebook, a.solution, a.out, a.full, a.timeout)
+        except (FileNotFoundError, ValueError) as err:
+            p.error(str(err))
     elif a.cmd == "eval":
         from labkit import load_policy
         from labkit.eval import evaluate
