@@ -18,18 +18,33 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 from labkit.policies.base import Policy
 
 
+def global_rank() -> int:
+    """This process's rank under torch.distributed (Lightning DDP), 0 when not distributed."""
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
 class RandomBatches:
-    """An iterable of `steps` random minibatches drawn (with replacement) from in-memory tensors."""
+    """An iterable of `steps` random minibatches drawn (with replacement) from in-memory tensors.
+
+    Under DDP every process draws its own batches (the seed is offset by the rank when iteration
+    starts): with one shared seed all ranks would train on identical batches, wasting all but one."""
 
     def __init__(self, tensors: dict, batch_size: int, steps: int, seed: int = 0):
         self.tensors, self.batch_size, self.steps = tensors, batch_size, steps
         self.n = len(tensors["action"])
+        self.seed, self.rank = seed, 0
         self.gen = torch.Generator().manual_seed(seed)
 
     def __len__(self) -> int:
         return self.steps
 
     def __iter__(self) -> Iterator[dict]:
+        rank = global_rank()
+        if rank != getattr(self, "rank", 0):  # known only once the DDP processes exist: here, not in __init__
+            self.rank = rank
+            self.gen.manual_seed(getattr(self, "seed", 0) + 7919 * rank)
         for _ in range(self.steps):
             idx = torch.randint(0, self.n, (self.batch_size,), generator=self.gen)
             yield _index(self.tensors, idx)
