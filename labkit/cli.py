@@ -110,8 +110,16 @@ def demo(steps: int = 6000, episodes: int = 100) -> None:
 
 
 def main(argv=None) -> int:
+    if (sys.argv[1:] if argv is None else list(argv))[:1] == ["fit"]:
+        # LightningCLI parses its own arguments (--config, --trainer.*, --model.*); from the command
+        # line it reads sys.argv itself.
+        from labkit.fit_cli import main as fit_main
+
+        fit_main(None if argv is None else list(argv))
+        return 0
     p = argparse.ArgumentParser(prog="labkit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("fit", help="train a policy from a YAML config through LightningCLI (labkit fit --help)")
     d = sub.add_parser("demo", help="train and evaluate a PushT policy from the shipped dataset")
     d.add_argument("--steps", type=int, default=6000)
     d.add_argument("--episodes", type=int, default=100)

@@ -40,6 +40,14 @@ class RandomBatches:
     def __len__(self) -> int:
         return self.steps
 
+    # A resumed run (Lightning checkpoint) continues the random stream instead of replaying it.
+    def state_dict(self) -> dict:
+        return {"generator": self.gen.get_state(), "rank": getattr(self, "rank", 0)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.gen.set_state(state["generator"])
+        self.rank = state["rank"]
+
     def __iter__(self) -> Iterator[dict]:
         rank = global_rank()
         if rank != getattr(self, "rank", 0):  # known only once the DDP processes exist: here, not in __init__
