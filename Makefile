@@ -3,8 +3,9 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-# Debian packages MuJoCo needs to render headless through EGL with Mesa (no GPU, no display).
-GL_PKGS := libegl1 libegl-mesa0 libgl1-mesa-dri libgles2
+# Debian packages MuJoCo needs to render headless through EGL with Mesa (no GPU, no display), and the
+# browser the widget test drives through Playwright (Debian's chromium: no browser download at run time).
+GL_PKGS := libegl1 libegl-mesa0 libgl1-mesa-dri libgles2 chromium fonts-dejavu-core
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export MUJOCO_GL ?= egl
 export PYTHONUNBUFFERED := 1
@@ -15,7 +16,7 @@ setup: gl $(STAMP)
 
 gl:
 	@dpkg -s $(GL_PKGS) >/dev/null 2>&1 || { \
-	  echo "Installing headless GL packages: $(GL_PKGS)"; \
+	  echo "Installing system packages: $(GL_PKGS)"; \
 	  $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q --no-install-recommends $(GL_PKGS); }
 
 # torch is installed first and pinned: 2.13.0 is the CPU build on a CPU machine, and anything that
