@@ -10,7 +10,7 @@ SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export MUJOCO_GL ?= egl
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup gl demo test test-fast lab student marimo datasets bench clean
+.PHONY: setup gl demo test test-fast lab student marimo datasets bench docs clean
 
 setup: gl $(STAMP)
 
@@ -53,6 +53,10 @@ datasets: setup
 
 bench: setup
 	$(BIN)/python benchmarks/run.py
+
+# The course site: every lesson executed in FAST mode, solutions hidden, outputs kept (Jupyter Book).
+docs: setup
+	OMP_NUM_THREADS=1 $(BIN)/python -m labkit.teach.site
 
 clean:
 	rm -rf runs lightning_logs .pytest_cache
