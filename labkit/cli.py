@@ -25,6 +25,7 @@ SHIPPED = {
     "pusht_pixels": ("labkit/PushT-v0", {"obs_mode": "pixels"}, 50, 0),
     # The imperfect expert's episodes, failures included (RECAP-style methods learn from both).
     "peg": ("labkit/PegInsert-v0", {}, 200, 0),
+    "arm": ("labkit/ArmPickCube-v0", {}, 200, 0),  # the classroom arm's twin, teleop-style expert
 }
 EVAL_SEED = 1000
 # `labkit train --policy NAME` -> class in labkit.policies

@@ -16,6 +16,7 @@ TASKS = {
     "labkit/Detour-v0": ("labkit.envs.detour:DetourEnv", "labkit.envs.detour:DetourExpert", 100),
     "labkit/PushT-v0": ("labkit.envs.pusht:PushTEnv", "labkit.envs.pusht:PushTExpert", 300),
     "labkit/PegInsert-v0": ("labkit.envs.peg:PegInsertEnv", "labkit.envs.peg:PegInsertExpert", 60),
+    "labkit/ArmPickCube-v0": ("labkit.envs.arm:ArmPickCubeEnv", "labkit.envs.arm:ArmPickCubeExpert", 300),
 }
 
 for _id, (_entry, _expert, _steps) in TASKS.items():

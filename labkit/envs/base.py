@@ -60,6 +60,7 @@ class MujocoTask(gym.Env):
         mass: Scale = 1.0,
         damping: Scale = 1.0,
         obs_noise: float = 0.0,
+        terminate_on_success: bool = True,
     ):
         if obs_mode not in ("state", "pixels"):
             raise ValueError(f"obs_mode must be 'state' or 'pixels', got {obs_mode!r}")
@@ -69,6 +70,9 @@ class MujocoTask(gym.Env):
             raise ValueError(f"render_mode must be None or 'rgb_array', got {render_mode!r}")
         self.obs_mode, self.reward_type, self.render_mode = obs_mode, reward_type, render_mode
         self.image_size = int(image_size)
+        # False: success no longer ends the episode (info["is_success"] still reports it), so an agent
+        # trained on a learned reward cannot read the true success from early termination.
+        self.terminate_on_success = bool(terminate_on_success)
         self.render_size = 256  # side of `render()` frames (videos); `pixels` observations use image_size
         self.physics = Physics(friction, mass, damping, float(obs_noise))
         for name in ("friction", "mass", "damping"):  # validate early, not at the first reset
@@ -146,7 +150,8 @@ class MujocoTask(gym.Env):
         failed = self._failed()
         reward = float(dense) if self.reward_type == "dense" else float(success)
         info = {"is_success": bool(success), **extra}
-        return self._obs(), reward, bool(success or failed), False, info
+        terminated = (success and self.terminate_on_success) or failed
+        return self._obs(), reward, bool(terminated), False, info
 
     def render(self):
         if self.render_mode != "rgb_array":
@@ -189,4 +194,9 @@ class MujocoTask(gym.Env):
         k = self.physics.sample(rng, "mass")
         m.body_mass[:] = nom["mass"] * k
         m.body_inertia[:] = nom["inertia"] * k
+        if k != getattr(self, "_const_mass", 1.0):
+            # Derived constants (e.g. the inertia-based armature terms) follow the masses; stale ones
+            # made contacts blow up on the arm task. Only when the scale changed: it costs a few ms.
+            mujoco.mj_setConst(m, self.data)
+            self._const_mass = k
         m.dof_damping[:] = nom["damping"] * self.physics.sample(rng, "damping")
