@@ -3,10 +3,10 @@ and the teleop panel steps the env with the sliders' action and records the epis
 
 from __future__ import annotations
 
-import labkit  # noqa: F401  (headless GL before mujoco)
 import numpy as np
 import pytest
 
+import labkit  # noqa: F401  (headless GL before mujoco)
 from labkit.widgets import TaskViewer, TeleopPanel, png
 
 
