@@ -8,8 +8,8 @@ app = marimo.App(width="medium", app_title="Noise steering (DSRL): choosing the 
 def _():
     import marimo as mo
     import numpy as np
-    from matplotlib.figure import Figure  # no pyplot: no global figure state to leak on every redraw
     from matplotlib.colors import to_rgb
+    from matplotlib.figure import Figure  # no pyplot: no global figure state to leak on every redraw
     from matplotlib.patches import Circle
 
     from labkit.teach import toy2d
