@@ -126,6 +126,10 @@ def test_demo_runs_headless(path):
     if path.stem == "noise_steering":  # a target on a mode: steering the noise reaches it; the base gets half
         first, last = defs["history"][0][1], defs["history"][-1][1]
         assert first < 0.6 and last > 0.9 and defs["best_reachable"] > 0.9, (first, last)
+    if path.stem == "reward_threshold":  # the naive detector pays for failed endings; the fixed one does not
+        finals, wins = defs["finals"], defs["final_success"]
+        paid = {k: float((m.predict({"state": finals})[~wins] >= 0.5).mean()) for k, m in defs["models"].items()}
+        assert paid["naive"] >= 0.1 and paid["fixed"] <= 0.05, paid
     if path.stem == "mode_averaging":  # at the default coin-flip expert: the mean hits the wall, samples do not
         assert defs["mse_hits"].mean() >= 0.5 and defs["gen_hits"].mean() <= 0.1, (defs["mse_hits"].mean(),
                                                                                     defs["gen_hits"].mean())

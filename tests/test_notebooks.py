@@ -84,6 +84,39 @@ BARS: dict[str, dict[str, tuple]] = {
         "recap_success_beta1": ("between", (0.0, 1.0)),
         "recap_success_beta3": ("between", (0.0, 1.0)),
     },
+    "06_reward_models": {
+        "heldout_successes": (">=", 5), "heldout_failures": (">=", 5),  # 11 and 13 (FAST replays 80 episodes)
+        "fixed_auroc": (">=", 0.95), "augmented_auroc": (">=", 0.95),  # 0.999 and 1.0
+        "fixed_failures_judged_success": ("<=", 0.1),  # 0.0: the negatives fix the naive model's flaw
+        "augmented_failures_judged_success": ("<=", 0.1),
+        "fixed_ece": ("<=", 0.05),  # 0.008
+        "naive_ece": (">=", 0.1),  # 0.28: the flaw shows even in FAST
+        "naive_failures_judged_success": (">", 0.0),  # 3 of 13
+        "preference_rank_corr": (">=", 0.7),  # 0.96
+        "progress_rank_corr_within_successes": (">=", 0.3),  # 0.65
+        "pixels_auroc": ("between", (0.0, 1.0)),  # 20 steps in FAST: plumbing only
+        "base_success": ("between", (0.0, 1.0)),
+        "rl_true_success": ("between", (0.0, 1.0)),
+        "rl_flawed_success": ("between", (0.0, 1.0)),
+        "rl_fixed_success": ("between", (0.0, 1.0)),
+        "rl_true_env_steps": (">=", 400), "rl_flawed_env_steps": (">=", 400), "rl_fixed_env_steps": (">=", 400),
+        # Even two DPPO iterations show the hacking: the naive model ends episodes it calls successes.
+        "rl_flawed_believed_success": (">=", 0.5),  # 1.0
+        "rl_flawed_true_train_success": ("<=", 0.3),  # 0.0
+    },
+    "08_test_time_scaling": {
+        "base_success": ("<=", 0.95),  # the base must leave room (0.75 in FAST, 0.51 in full mode)
+        "verifier_loss_last": ("<=", 4.1),  # InfoNCE falls from ~4.5
+        "heldout_accuracy_mirror": (">=", 0.85),
+        "heldout_accuracy_noise": (">=", 0.7),
+        "heldout_accuracy_speed": (">=", 0.7),
+        "success_vhard_n4": (">=", 0.6),  # 0.85 measured; a broken verifier or argmax gives <= 0.45 (untrained)
+        "success_v20_n4": (">=", 0.6),
+        "collision_vhard_n4": ("<=", 0.2),  # 0.0 measured
+        "success_control_n4": ("between", (0.0, 1.0)),
+        "success_critic_n4": ("between", (0.0, 1.0)),  # the FAST critic (20 rollouts) is poor: 0.10
+        "power_law_slope": ("between", (-0.5, -0.1)),  # CoVer's power law: -0.26 in FAST, -0.23 full
+    },
 }
 
 SOLUTION_NAMES = sorted(p.stem for p in SOLUTIONS.glob("*.ipynb"))

@@ -30,6 +30,7 @@ import copy
 import dataclasses
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import gymnasium as gym
@@ -167,10 +168,13 @@ def ppo_loss(new_lp: torch.Tensor, old_lp: torch.Tensor, adv: torch.Tensor,
 # ---- envs and the runtime policy ------------------------------------------------------------------
 
 
-def make_chunk_env(env_id: str, policy: GenerativePolicy, env_kwargs: dict | None = None) -> gym.Env:
+def make_chunk_env(env_id: str, policy: GenerativePolicy, env_kwargs: dict | None = None,
+                   env_wrapper: Callable[[gym.Env], gym.Env] | None = None) -> gym.Env:
     """The task at chunk level (labkit.rl.loop.PolicyChunkEnv): observation = the policy's observation
-    history; action = a flattened normalised chunk [H * A], of which the first n_action_steps run."""
-    return _VectorFriendly(PolicyChunkEnv(gym.make(env_id, **(env_kwargs or {})), policy))
+    history; action = a flattened normalised chunk [H * A], of which the first n_action_steps run.
+    `env_wrapper` (e.g. a learned reward, labkit.rewards.LearnedReward) wraps the per-step env first."""
+    env = gym.make(env_id, **(env_kwargs or {}))
+    return _VectorFriendly(PolicyChunkEnv(env_wrapper(env) if env_wrapper is not None else env, policy))
 
 
 class _VectorFriendly(gym.Wrapper):
@@ -270,10 +274,13 @@ class DPPO:
         agent = DPPO(flow_policy, "labkit/Detour-v0", DPPOConfig(num_envs=8))
         history = agent.train(iterations=50, eval_every=10, eval_episodes=50)
         agent.evaluate(episodes=50)          # the finetuned chain; flow_policy itself is unchanged
+
+    `env_wrapper` wraps each training env (e.g. `lambda e: labkit.rewards.LearnedReward(e, model)` to train
+    on a learned reward); evaluation always runs the plain task, so it measures the true success.
     """
 
     def __init__(self, policy: GenerativePolicy, env_id: str, config: DPPOConfig | dict | None = None,
-                 env_kwargs: dict | None = None):
+                 env_kwargs: dict | None = None, env_wrapper: Callable[[gym.Env], gym.Env] | None = None):
         import labkit.envs  # noqa: F401  (registers the tasks)
 
         if not isinstance(policy, GenerativePolicy):
@@ -306,7 +313,10 @@ class DPPO:
         self.clip = clip_schedule(self.ft_steps, c.clip_eps, c.clip_eps_base, c.clip_rate).to(self.device)
         self.den_discount = denoising_discount(self.ft_steps, c.gamma_denoising).to(self.device)
 
-        self.envs = SyncVectorEnv([lambda: make_chunk_env(env_id, policy, self.env_kwargs)] * c.num_envs,
+        # Training envs only: `env_wrapper` (e.g. a learned reward) never touches evaluation, which
+        # always measures the true task's success.
+        self.env_wrapper = env_wrapper
+        self.envs = SyncVectorEnv([lambda: make_chunk_env(env_id, policy, self.env_kwargs, env_wrapper)] * c.num_envs,
                                   autoreset_mode=AutoresetMode.SAME_STEP)
         self._obs, _ = self.envs.reset(seed=c.seed)
         self._ep_return = np.zeros(c.num_envs)
