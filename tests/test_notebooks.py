@@ -104,6 +104,22 @@ BARS: dict[str, dict[str, tuple]] = {
         "rl_flawed_believed_success": (">=", 0.5),  # 1.0
         "rl_flawed_true_train_success": ("<=", 0.3),  # 0.0
     },
+    "07_world_models": {
+        "wm_val_error_first": ("between", (0.02, 0.2)),  # 0.051 measured
+        "wm_val_error_last": ("<=", 0.01),  # 0.0028 after 150 FAST steps: the one-step error falls
+        "rank_checkpoints": (">=", 6),  # 7
+        "bc_real_success": ("<=", 0.4),  # 0 of 10: MSE-BC drives into the wall
+        # FAST trains too little to show a level: these catch broken plumbing.
+        "rank_pearson_demo_only": ("between", (-1.0, 1.0)),
+        "rank_pearson_refined": ("between", (-1.0, 1.0)),
+        "rank_mmrv_refined": ("between", (0.0, 1.0)),
+        "loop_syn_round1": ("between", (0.0, 1.0)),
+        "loop_real_round1": ("between", (0.0, 1.0)),
+        "plan_bon_success": ("between", (0.0, 1.0)),
+        "plan_cem_success": ("between", (0.0, 1.0)),
+        "pixel_open_loop_mse": ("between", (0.0, 0.5)),
+        "pixel_pos_error_px_t5": ("between", (0.0, 64.0)),
+    },
     "08_test_time_scaling": {
         "base_success": ("<=", 0.95),  # the base must leave room (0.75 in FAST, 0.51 in full mode)
         "verifier_loss_last": ("<=", 4.1),  # InfoNCE falls from ~4.5
