@@ -130,6 +130,11 @@ def test_demo_runs_headless(path):
         finals, wins = defs["finals"], defs["final_success"]
         paid = {k: float((m.predict({"state": finals})[~wins] >= 0.5).mean()) for k, m in defs["models"].items()}
         assert paid["naive"] >= 0.1 and paid["fixed"] <= 0.05, paid
+    if path.stem == "imagination":  # straight at the wall: only the model refined with crashes imagines one
+        def crashes(name):
+            _, fail_p, ended = defs["imagined"][name]
+            return sum(1 for m in range(len(ended)) if ended[m] >= 0 and fail_p[m, ended[m] - 1] > 0.5)
+        assert defs["real_hit"] and crashes("demos only") == 0 and crashes("refined") >= 3
     if path.stem == "mode_averaging":  # at the default coin-flip expert: the mean hits the wall, samples do not
         assert defs["mse_hits"].mean() >= 0.5 and defs["gen_hits"].mean() <= 0.1, (defs["mse_hits"].mean(),
                                                                                     defs["gen_hits"].mean())
