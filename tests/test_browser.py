@@ -85,27 +85,58 @@ def test_teleop_widget_renders_in_chromium(jupyter_lab):
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=chromium, args=["--no-sandbox", "--disable-gpu"])
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        page.goto(jupyter_lab)
-        cell = page.locator(".jp-CodeCell", has_text=CELL_TEXT)
-        cell.wait_for(timeout=90_000)
-        page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']").wait_for(timeout=90_000)
+        try:
+            _drive(page, jupyter_lab)
+        except Exception:
+            SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(SCREENSHOT.with_name("failure.png")))  # what the browser showed
+            raise
+        finally:
+            browser.close()
+    assert SCREENSHOT.stat().st_size > 10_000
+
+
+def _kernel_ready(page, timeout: float = 90.0) -> None:
+    """Wait until the notebook's kernel is idle. On a slow start JupyterLab may ask which kernel to
+    use (a "Select Kernel" dialog that swallows key presses): accept its preferred one."""
+    end = time.time() + timeout
+    select = page.locator(".jp-Dialog").get_by_role("button", name="Select")
+    idle = page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']")
+    while time.time() < end:
+        if select.count() and select.first.is_visible():
+            select.first.click()
+        elif idle.count() and not page.locator(".jp-Dialog").count():
+            return
+        page.wait_for_timeout(500)
+    raise TimeoutError(f"the notebook's kernel was not idle within {timeout:.0f} s")
+
+
+def _drive(page, url: str) -> None:
+    """Open the lesson, run the teleop cell, wait for the widget, click Step, take the screenshot."""
+    page.goto(url)
+    cell = page.locator(".jp-CodeCell", has_text=CELL_TEXT)
+    cell.wait_for(timeout=90_000)
+    widget = cell.locator(".labkit-teleop")
+    for _ in range(3):  # a run swallowed by a kernel dialog is retried once the kernel is chosen
+        _kernel_ready(page)
         cell.locator(".jp-InputArea-editor").click()
         page.keyboard.press("Shift+Enter")
+        end = time.time() + 120
+        while time.time() < end and not widget.count() and not page.locator(".jp-Dialog").count():
+            page.wait_for_timeout(500)
+        if widget.count():
+            break
+    widget.wait_for(state="visible", timeout=60_000)
+    image = widget.locator("img").first
+    page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=image.element_handle(),
+                           timeout=30_000)
+    assert image.evaluate("img => img.naturalWidth") == 256  # the env's render size
+    sliders = widget.locator(".widget-slider")
+    assert sliders.count() == 2  # Detour's action: two velocities
 
-        widget = cell.locator(".labkit-teleop")
-        widget.wait_for(state="visible", timeout=120_000)
-        image = widget.locator("img").first
-        page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=image.element_handle(),
-                               timeout=30_000)
-        assert image.evaluate("img => img.naturalWidth") == 256  # the env's render size
-        sliders = widget.locator(".widget-slider")
-        assert sliders.count() == 2  # Detour's action: two velocities
-
-        widget.get_by_role("button", name="Step").click()  # a round trip through the kernel
-        page.wait_for_function("el => el.innerText.includes('step 1')", arg=widget.element_handle(),
-                               timeout=30_000)
-        SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
-        cell.scroll_into_view_if_needed()
-        page.screenshot(path=str(SCREENSHOT))
-        browser.close()
-    assert SCREENSHOT.stat().st_size > 10_000
+    widget.get_by_role("button", name="Step").click()  # a round trip through the kernel
+    page.wait_for_function("el => el.innerText.includes('step 1')", arg=widget.element_handle(),
+                           timeout=30_000)
+    SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+    cell.scroll_into_view_if_needed()
+    page.screenshot(path=str(SCREENSHOT))
