@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 import socket
@@ -121,9 +122,12 @@ def _drive(page, url: str) -> None:
         _kernel_ready(page)
         cell.locator(".jp-InputArea-editor").click()
         page.keyboard.press("Shift+Enter")
-        end = time.time() + 120
+        prompt = cell.locator(".jp-InputPrompt")
+        end, started = time.time() + 15, False  # the run must start (prompt [*] or [n]) within 15 s
         while time.time() < end and not widget.count() and not page.locator(".jp-Dialog").count():
-            page.wait_for_timeout(500)
+            if not started and re.search(r"\[(\*|\d+)\]", prompt.inner_text()):
+                started, end = True, time.time() + 120  # running: give it time to import and render
+            page.wait_for_timeout(250)
         if widget.count():
             break
     widget.wait_for(state="visible", timeout=60_000)
