@@ -247,3 +247,45 @@ def test_so101_without_lerobot_gives_a_clear_error():
     assert not leader.bus.torque and leader.read_joints()[2] == pytest.approx(np.deg2rad(30))
     with pytest.raises(RuntimeError, match="leader"):
         leader.act(np.zeros(6))
+
+
+def test_reset_forgets_the_last_command_so_the_next_episode_starts_from_the_robot():
+    # A velocity limit compares each command with the previous one. Across a reset the previous one
+    # belongs to the old episode: limiting toward it would *move* a robot asked to hold.
+    class ResettableArm(FakeArm):
+        def reset(self, seed=None):
+            self.q = np.array([0.08, -0.4, 0.7, 1.2, 0.0, 0.04])
+
+    clock, arm = FakeClock(), ResettableArm()
+    safe = SafetyLayer(arm, SafetyConfig(max_velocity=1.0, watchdog_s=None), clock=clock)
+    safe.connect()
+    for _ in range(20):  # drive the pan joint far from where the next episode starts
+        clock.advance(0.1)
+        safe.act(np.array([0.8, -0.4, 0.7, 1.2, 0.0, 0.04]))
+    safe.reset(seed=1)
+    clock.advance(0.1)
+    hold = arm.hold_action()
+    sent = safe.act(hold)
+    np.testing.assert_allclose(sent, hold)  # without the reset it was rate-limited toward pan 0.8
+
+
+def test_control_loop_holds_when_its_policy_source_fails():
+    from labkit.robot import ControlLoop
+
+    class Broken:
+        def __init__(self):
+            self.calls = 0
+
+        def predict_chunk(self, history):
+            self.calls += 1
+            if self.calls > 1:
+                raise ConnectionError("policy server gone")
+            return np.tile(np.array([0.3, -0.4, 0.7, 1.2, 0.0, 0.04]), (4, 1))
+
+    clock, arm = FakeClock(), FakeArm()
+    loop = ControlLoop(arm, Broken(), fps=30, clock=clock, mode="none", execute_steps=4, threaded=False)
+    with pytest.raises(ConnectionError, match="policy server gone"):
+        loop.run(20)
+    # The last command was a hold (the arm's present position), not the chunk's target it was moving to.
+    assert not np.allclose(arm.received[-2], arm.received[-1])
+    np.testing.assert_allclose(arm.received[-1], arm.q, atol=1e-12)

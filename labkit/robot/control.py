@@ -290,6 +290,11 @@ class ControlLoop:
                 overruns += behind > 0
                 if behind > dt:  # more than a period behind: skip, do not burst to catch up
                     deadline = clock.now()
+        except BaseException:
+            # The policy source failed (server gone, a bug, Ctrl-C): leave the robot holding where it is,
+            # not executing its last command, before the error propagates.
+            robot.act(robot.hold_action())
+            raise
         finally:
             if pool is not None:  # let an in-flight request finish, so the source is free for the next run
                 pool.shutdown(wait=True, cancel_futures=True)

@@ -122,6 +122,14 @@ class SafetyLayer:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
             self._log_file = open(self.log_path, "a", encoding="utf-8")  # noqa: SIM115
 
+    def reset(self, *args, **kwargs):
+        """Reset the backend (a new episode) and forget the last command: the next command is limited
+        relative to where the robot now is, not to where the previous episode left the stream."""
+        with self._lock:
+            out = self.robot.reset(*args, **kwargs) if hasattr(self.robot, "reset") else None
+            self._last_cmd, self._last_t = None, self.clock.now()
+            return out
+
     def observe(self) -> dict[str, np.ndarray]:
         with self._lock:
             return self.robot.observe()

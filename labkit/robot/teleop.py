@@ -129,13 +129,17 @@ class SliderTeleop:
     ends it. The e-stop latches the SafetyLayer until `release` is pressed.
     """
 
-    def __init__(self, robot: Any, clock: Any = None, loop_kwargs: dict | None = None):
+    def __init__(self, robot: Any, clock: Any = None, loop_kwargs: dict | None = None, max_delta: float = 0.05):
         import ipywidgets as w
 
         from labkit.robot.control import ControlLoop
-        from labkit.robot.safety import SafetyLayer
+        from labkit.robot.safety import SafetyConfig, SafetyLayer
 
-        self.robot = robot if isinstance(robot, SafetyLayer) else SafetyLayer(robot, clock=clock)
+        # A slider can jump anywhere in the joint range at once: on a bare robot, limit each step's
+        # change (`max_delta`, in the action's units per step: 0.05 rad is ~3 degrees) unless the caller
+        # brought its own SafetyLayer.
+        self.robot = robot if isinstance(robot, SafetyLayer) else SafetyLayer(
+            robot, SafetyConfig(max_delta=max_delta), clock=clock)
         spec = self.robot.spec
         if spec.action_mode != "position":
             start = np.zeros(spec.dim)
