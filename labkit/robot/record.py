@@ -54,7 +54,7 @@ def record_episodes(robot: Any, policy: Any, root: str | Path, episodes: int, st
     with rec:
         for i in bar:
             if hasattr(safe.robot, "reset"):
-                safe.robot.reset(seed + i)
+                safe.reset(seed + i)  # through the safety layer: it forgets the last episode's command
             elif between is not None:
                 between(i)
             _reset(policy, seed + i)
