@@ -1,0 +1,181 @@
+"""Sim-to-real tools: the "real" twin as a gym env, system identification by trajectory matching,
+and joining sim and real datasets for co-training (lesson 09).
+
+`TWIN` (`labkit/ArmTwin-v0`) is `labkit/ArmPickCube-v0` behind `labkit.robot.SimRobot`, so `evaluate`
+and `record` run on it unchanged; by default it is the course's "real" arm (`real=True`). With
+`real=False` and explicit gaps it is a *candidate simulator*: the model that system identification
+tunes. `gain`, `offset` and `latency_steps` may be (low, high) ranges, sampled per reset (domain
+randomisation of the actuation gap, which the plain task cannot randomise); an `offset` range is drawn
+independently for each arm joint (the gripper's stays 0).
+
+System identification replays recorded commands open-loop in candidate simulators from the same
+initial state and keeps the parameters whose joint trajectories match the recording best.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+
+from labkit.robot.sim import SimRobot
+
+TWIN = "labkit/ArmTwin-v0"
+ARM = "labkit/ArmPickCube-v0"
+JOINTS = slice(0, 5)  # the arm's joint angles in `state` (the gripper opening depends on contacts)
+
+
+class RobotEnv(gym.Env):
+    """A `SimRobot` as a gymnasium env: reset(seed) / step(action) go through the robot's gaps."""
+
+    metadata = {"render_modes": ["rgb_array"]}
+
+    def __init__(self, env_id: str = ARM, render_mode: str | None = None, gain: Any = None, offset: Any = None,
+                 latency_steps: int | tuple[int, int] | None = None, **robot_kwargs):
+        # Ranges are sampled at each reset; the robot is built with their lower end.
+        self.gain_opt, self.offset_opt, self.latency_opt = gain, offset, latency_steps
+        fixed = lambda v: v[0] if isinstance(v, tuple) else v  # noqa: E731
+        for name, v in (("gain", gain), ("offset", offset), ("latency_steps", latency_steps)):
+            if isinstance(v, tuple) and (len(v) != 2 or not v[0] <= v[1]):
+                raise ValueError(f"{name} range must be (low, high) with low <= high, got {v}")
+        if isinstance(latency_steps, tuple) and latency_steps[0] < 0:
+            raise ValueError(f"latency_steps must be >= 0, got {latency_steps}")
+        self.robot = SimRobot(env_id, gain=fixed(gain), offset=0.0 if isinstance(offset, tuple) else offset,
+                              latency_steps=fixed(latency_steps), render_mode=render_mode, **robot_kwargs)
+        self.render_mode = render_mode
+        task = self.robot.env
+        self.action_space, self.observation_space = task.action_space, task.observation_space
+        self.metadata = {**self.metadata, "render_fps": task.metadata.get("render_fps")}
+        self.control_dt = task.unwrapped.control_dt  # the scripted expert reads it
+        self.robot.connect()
+        self._rng = np.random.default_rng(0)
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        if seed is not None:
+            self._rng = np.random.default_rng(seed + 7_777)
+        if isinstance(self.gain_opt, tuple):
+            self.robot.gain[:] = self._rng.uniform(*self.gain_opt)
+        if isinstance(self.offset_opt, tuple):
+            self.robot.offset[:] = 0.0
+            self.robot.offset[JOINTS] = self._rng.uniform(*self.offset_opt, 5)
+        if isinstance(self.latency_opt, tuple):
+            self.robot.latency_steps = int(self._rng.integers(self.latency_opt[0], self.latency_opt[1] + 1))
+        obs = self.robot.reset(seed)
+        return obs, dict(self.robot.last_info)
+
+    def step(self, action):
+        self.robot.act(np.asarray(action, np.float64))
+        info = dict(self.robot.last_info)
+        return self.robot.observe(), self.robot.reward, self.robot.done, False, info
+
+    def render(self):
+        return self.robot.env.render()
+
+    def close(self):
+        self.robot.disconnect()
+
+
+gym.register(TWIN, entry_point="labkit.sim2real:RobotEnv", kwargs={"real": True})
+
+
+# ---- system identification ------------------------------------------------------------------------
+
+def replay(actions: np.ndarray, seed: int, key: str = "state", **twin_kwargs) -> np.ndarray:
+    """Send `actions` [T, A] open-loop to a twin built with `twin_kwargs`, from `reset(seed)`;
+    returns the joint angles [T + 1, 5] it observed (the reset observation first)."""
+    actions = np.asarray(actions, np.float64)
+    if actions.ndim != 2 or len(actions) == 0:
+        raise ValueError(f"actions must be [T, A] with T >= 1, got shape {actions.shape}")
+    env = RobotEnv(**{"real": False, **twin_kwargs})
+    obs, _ = env.reset(seed=seed)
+    out = [obs[key][JOINTS]]
+    for a in actions:  # keep going after a success: the recording did too
+        env.robot.done = False
+        obs, *_ = env.step(a)
+        out.append(obs[key][JOINTS])
+    env.close()
+    return np.stack(out)
+
+
+def trajectory_error(sim: np.ndarray, real: np.ndarray) -> float:
+    """Root-mean-square joint-angle difference (rad) between two equally long trajectories."""
+    sim, real = np.asarray(sim), np.asarray(real)
+    if sim.shape != real.shape:
+        raise ValueError(f"trajectories differ in shape: {sim.shape} vs {real.shape}")
+    return float(np.sqrt(np.mean((sim - real) ** 2)))
+
+
+def identify(recordings: list[dict], grid: dict[str, list], fixed: dict | None = None,
+             error=trajectory_error) -> tuple[dict, np.ndarray]:
+    """Grid search: every combination of `grid` values (SimRobot/task kwargs such as gain,
+    latency_steps, damping, mass), scored by the mean `error` over `recordings` (dicts with
+    `seed`, `actions` [T, A] and `joints` [T + 1, 5]). Returns the best parameters and the error
+    array, shaped like the grid (axes in `grid`'s order) for plotting the landscape."""
+    if not recordings or not grid or any(len(v) == 0 for v in grid.values()):
+        raise ValueError("need at least one recording and a non-empty list of values per parameter")
+    names = list(grid)
+    errors = np.zeros([len(grid[n]) for n in names])
+    for idx in itertools.product(*[range(len(grid[n])) for n in names]):
+        params = {**(fixed or {}), **{n: grid[n][i] for n, i in zip(names, idx, strict=True)}}
+        errors[idx] = np.mean([error(replay(r["actions"], r["seed"], **params), r["joints"]) for r in recordings])
+    best = np.unravel_index(np.argmin(errors), errors.shape)
+    return {n: grid[n][i] for n, i in zip(names, best, strict=True)}, errors
+
+
+def cem(objective, low, high, iters: int = 6, population: int = 16, elite: int = 4, seed: int = 0,
+        integer: tuple[int, ...] = ()) -> tuple[np.ndarray, float, list[dict]]:
+    """Cross-entropy method: minimise `objective(x)` over the box [low, high]. Each iteration samples
+    `population` points from a Gaussian (clipped to the box; the `integer` coordinates rounded), and
+    refits its mean and std to the `elite` best. Returns the best point seen, its value, and a history
+    (mean, std, best value per iteration) for plotting."""
+    low, high = np.asarray(low, float), np.asarray(high, float)
+    if low.shape != high.shape or (low > high).any() or not 1 <= elite <= population:
+        raise ValueError("need low <= high of one shape and 1 <= elite <= population")
+    rng = np.random.default_rng(seed)
+    mean, std = (low + high) / 2, (high - low) / 2
+    best_x, best_f, history = mean, float("inf"), []
+    for _ in range(iters):
+        xs = np.clip(rng.normal(mean, std, (population, len(mean))), low, high)
+        xs[:, list(integer)] = np.round(xs[:, list(integer)])
+        fs = np.array([objective(x) for x in xs])
+        top = xs[np.argsort(fs)[:elite]]
+        mean, std = top.mean(0), top.std(0) + 1e-3 * (high - low)  # a floor keeps it searching
+        if fs.min() < best_f:
+            best_x, best_f = xs[np.argmin(fs)].copy(), float(fs.min())
+        history.append({"mean": mean.copy(), "std": std.copy(), "best": best_f})
+    return best_x, best_f, history
+
+
+# ---- co-training --------------------------------------------------------------------------------
+
+def concat_episodes(*datasets, repeat: tuple[int, ...] | None = None):
+    """One `EpisodeDataset` holding the episodes of all `datasets` (each repeated `repeat[i]`
+    times, to weight a small real set against a large sim set); stats recomputed on the union."""
+    from labkit.data.dataset import EpisodeDataset, compute_stats
+
+    repeat = repeat or (1,) * len(datasets)
+    if len(repeat) != len(datasets) or min(repeat) < 1:
+        raise ValueError(f"repeat needs one count >= 1 per dataset, got {repeat} for {len(datasets)}")
+    keys = set.intersection(*[set(d.frames) for d in datasets])
+    parts, starts, ends, offset = {k: [] for k in keys}, [], [], 0
+    episode_index = []
+    for d, r in zip(datasets, repeat, strict=True):
+        for _ in range(r):
+            for e in range(d.num_episodes):
+                a, b = d.episode_from[e], d.episode_to[e]
+                for k in keys:
+                    parts[k].append(d.frames[k][a:b])
+                episode_index.append(np.full(b - a, len(starts)))
+                starts.append(offset)
+                offset += b - a
+                ends.append(offset)
+    frames = {k: np.concatenate(v) for k, v in parts.items()}
+    frames["episode_index"] = np.concatenate(episode_index)
+    first = datasets[0]
+    stats = {**copy.deepcopy(first.stats), **compute_stats(frames, first.info["features"], images=False)}
+    info = {**copy.deepcopy(first.info), "total_episodes": len(starts), "total_frames": offset}
+    return EpisodeDataset(frames, np.array(starts), np.array(ends), info, stats, {}, first.tasks)
