@@ -87,30 +87,11 @@ def bench_server(seconds: float) -> dict:
     return out
 
 
-class NullRobot:
+def NullRobot():  # noqa: N802
     """A 6-joint position robot that does nothing: isolates the loop's own timing."""
+    from labkit.robot import FakeRobot
 
-    def __init__(self):
-        from labkit.robot import RobotSpec
-
-        self.spec = RobotSpec(tuple(f"j{i}" for i in range(6)), -np.ones(6), np.ones(6), fps=30)
-        self.q = np.zeros(6)
-
-    def connect(self):
-        pass
-
-    def disconnect(self):
-        pass
-
-    def observe(self):
-        return {"state": self.q.astype(np.float32)}
-
-    def hold_action(self):
-        return self.q.copy()
-
-    def act(self, a):
-        self.q = np.asarray(a, dtype=np.float64)
-        return self.q
+    return FakeRobot(-np.ones(6), np.ones(6), fps=30)
 
 
 def bench_jitter(seconds: float) -> dict:
@@ -140,7 +121,7 @@ def bench_jitter(seconds: float) -> dict:
 
 
 def bench_fuzz(n: int) -> dict:
-    from labkit.robot import FakeClock, RobotSpec, SafetyConfig, SafetyLayer
+    from labkit.robot import FakeClock, FakeRobot, SafetyConfig, SafetyLayer
 
     low, high = np.array([-1.9, -1.7, -1.7, -1.6, -2.7, 0.0]), np.array([1.9, 1.7, 1.7, 1.6, 2.8, 0.07])
     ws = (np.array([0.02, -0.25, 0.01]), np.array([0.32, 0.25, 0.35]))
@@ -150,18 +131,8 @@ def bench_fuzz(n: int) -> dict:
         r = 0.03 + 0.116 * np.sin(a1) + 0.135 * np.sin(a2) + 0.1 * np.sin(a3)
         return np.array([r * np.cos(q[0]), r * np.sin(q[0]), 0.116 + 0.116 * np.cos(a1) + 0.135 * np.cos(a2) + 0.1 * np.cos(a3)])
 
-    class Arm(NullRobot):
-        def __init__(self):
-            self.spec = RobotSpec(tuple(f"j{i}" for i in range(6)), low, high, fps=30)
-            self.q = np.array([0.0, -0.4, 0.7, 1.2, 0.0, 0.04])
-            self.last = None
-
-        def act(self, a):
-            self.last = np.asarray(a, dtype=np.float64)
-            self.q = self.q + 0.6 * (self.last - self.q)
-            return self.last
-
-    rng, clock, arm = np.random.default_rng(0), FakeClock(), Arm()
+    arm = FakeRobot(low, high, fps=30, follow=0.6, start=[0.0, -0.4, 0.7, 1.2, 0.0, 0.04])
+    rng, clock = np.random.default_rng(0), FakeClock()
     safe = SafetyLayer(arm, SafetyConfig(max_delta=0.15, max_velocity=2.0, workspace=ws), fk=fk, clock=clock)
     safe.connect()
     inside = lambda x: bool(np.all(np.isfinite(x)) and np.all(x >= ws[0]) and np.all(x <= ws[1]))  # noqa: E731
@@ -178,7 +149,7 @@ def bench_fuzz(n: int) -> dict:
         is_bad = (not np.all(np.isfinite(raw)) or np.any(raw < low) or np.any(raw > high)
                   or np.any(np.abs(raw - q) > 0.15) or not inside(fk(raw)))
         safe.act(raw)
-        s = arm.last
+        s = arm.received[-1]
         hold = np.allclose(s, np.clip(q, low, high))
         ok = (np.all(np.isfinite(s)) and np.all(s >= low) and np.all(s <= high)
               and (hold or (np.all(np.abs(s - q) <= 0.15 + 1e-9) and inside(fk(s)))))

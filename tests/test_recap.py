@@ -5,8 +5,6 @@ import pytest
 import torch
 
 import labkit  # noqa: F401  (before anything imports mujoco: picks the GL backend, registers tasks)
-import labkit.cli
-from labkit.data import load_dataset
 from labkit.policies import FlowPolicy, fit, load_policy
 from labkit.rl.recap import (
     INDICATOR,
@@ -26,11 +24,6 @@ from labkit.rl.recap import (
 
 ENV = "labkit/Detour-v0"
 TINY = dict(horizon=8, n_action_steps=4, obs_horizon=2, hidden=64, layers=2, steps=5)
-
-
-@pytest.fixture(scope="module")
-def demos():
-    return load_dataset(labkit.cli.DATASETS / "detour").select(range(6))
 
 
 def scrambled(policy):

@@ -9,38 +9,27 @@ import numpy as np
 import pytest
 
 import labkit  # noqa: F401
-from labkit.robot import FakeClock, FakeMotorBus, RobotSpec, SafetyConfig, SafetyLayer, SimRobot, SO101Arm
+from labkit.robot import (
+    FakeClock,
+    FakeMotorBus,
+    FakeRobot,
+    SafetyConfig,
+    SafetyLayer,
+    SimRobot,
+    SO101Arm,
+)
 
 LOW = np.array([-1.9, -1.7, -1.7, -1.6, -2.7, 0.0])
 HIGH = np.array([1.9, 1.7, 1.7, 1.6, 2.8, 0.07])
 WORKSPACE = ((0.02, -0.25, 0.01), (0.32, 0.25, 0.35))
 
 
-class FakeArm:
+START = np.array([0.0, -0.4, 0.7, 1.2, 0.0, 0.04])
+
+
+def FakeArm():  # noqa: N802  (reads like the class it builds)
     """A position-controlled 6-joint arm: each command moves the joints 60% of the way there."""
-
-    def __init__(self):
-        self.spec = RobotSpec(tuple(f"j{i}" for i in range(6)), LOW, HIGH, fps=30)
-        self.q = np.array([0.0, -0.4, 0.7, 1.2, 0.0, 0.04])
-        self.received: list[np.ndarray] = []
-
-    def connect(self):
-        pass
-
-    def disconnect(self):
-        pass
-
-    def observe(self):
-        return {"state": self.q.astype(np.float32)}
-
-    def hold_action(self):
-        return self.q.copy()
-
-    def act(self, a):
-        a = np.asarray(a, dtype=np.float64)
-        self.received.append(a.copy())
-        self.q = self.q + 0.6 * (a - self.q)
-        return a
+    return FakeRobot(LOW, HIGH, fps=30, follow=0.6, start=START)
 
 
 def planar_fk(q):
@@ -252,11 +241,11 @@ def test_so101_without_lerobot_gives_a_clear_error():
 def test_reset_forgets_the_last_command_so_the_next_episode_starts_from_the_robot():
     # A velocity limit compares each command with the previous one. Across a reset the previous one
     # belongs to the old episode: limiting toward it would *move* a robot asked to hold.
-    class ResettableArm(FakeArm):
+    class ResettableArm(FakeRobot):
         def reset(self, seed=None):
             self.q = np.array([0.08, -0.4, 0.7, 1.2, 0.0, 0.04])
 
-    clock, arm = FakeClock(), ResettableArm()
+    clock, arm = FakeClock(), ResettableArm(LOW, HIGH, follow=0.6, start=START)
     safe = SafetyLayer(arm, SafetyConfig(max_velocity=1.0, watchdog_s=None), clock=clock)
     safe.connect()
     for _ in range(20):  # drive the pan joint far from where the next episode starts

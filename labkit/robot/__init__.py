@@ -10,7 +10,7 @@ LeRobot is never imported here; `SO101Arm` imports it only when it must build a 
 Teleop widgets and the policy server import ipywidgets/websockets only when used.
 """
 
-from labkit.robot.base import FakeClock, NotConnectedError, RealClock, Robot, RobotSpec
+from labkit.robot.base import FakeClock, FakeRobot, NotConnectedError, RealClock, Robot, RobotSpec
 from labkit.robot.control import ChunkBlender, ControlLoop, LoopStats, PolicyRunner
 from labkit.robot.lerobot_arm import FakeMotorBus, SO101Arm
 from labkit.robot.record import record_episodes, replay
@@ -27,7 +27,7 @@ def __getattr__(name: str):  # the server needs websockets/msgpack: import it on
     raise AttributeError(f"module 'labkit.robot' has no attribute {name!r}")
 
 
-__all__ = ["Robot", "RobotSpec", "RealClock", "FakeClock", "NotConnectedError", "SimRobot", "SO101Arm", "FakeMotorBus",
+__all__ = ["Robot", "RobotSpec", "RealClock", "FakeClock", "FakeRobot", "NotConnectedError", "SimRobot", "SO101Arm", "FakeMotorBus",
            "SafetyLayer", "SafetyConfig", "Intervention", "ControlLoop", "ChunkBlender", "LoopStats", "PolicyRunner",
            "KeyboardTeleop", "SliderTeleop", "LeaderArm", "record_episodes", "replay", "PolicyServer", "PolicyClient",
            "PolicyServerError"]

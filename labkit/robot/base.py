@@ -129,3 +129,34 @@ class FakeClock:
 
     def advance(self, seconds: float) -> None:
         self.t += float(seconds)
+
+
+class FakeRobot:
+    """A position-controlled robot with no physics, for tests and timing: each command moves the joints
+    `follow` of the way there (1.0: at once). Every command received is kept in `received`."""
+
+    def __init__(self, low, high, fps: float = 30, follow: float = 1.0, start=None):
+        low = np.asarray(low, dtype=np.float64)
+        self.spec = RobotSpec(tuple(f"j{i}" for i in range(len(low))), low, np.asarray(high, np.float64), fps=fps)
+        self.follow = float(follow)
+        self.q = np.zeros(len(low)) if start is None else np.asarray(start, dtype=np.float64).copy()
+        self.received: list[np.ndarray] = []
+
+    def connect(self) -> None:
+        pass
+
+    def disconnect(self) -> None:
+        pass
+
+    def observe(self) -> dict[str, np.ndarray]:
+        return {"state": self.q.astype(np.float32)}
+
+    def hold_action(self) -> np.ndarray:
+        return self.q.copy()
+
+    def act(self, action) -> np.ndarray:
+        a = np.asarray(action, dtype=np.float64)
+        self.received.append(a.copy())
+        self.q = self.q + self.follow * (a - self.q)
+        return a
+
