@@ -33,7 +33,12 @@ class RandomBatches:
 
     def __init__(self, tensors: dict, batch_size: int, steps: int, seed: int = 0):
         self.tensors, self.batch_size, self.steps = tensors, batch_size, steps
-        self.n = len(tensors["action"])
+        lengths = set(_lengths(tensors))
+        if len(lengths) != 1:
+            raise ValueError(f"tensors must all have the same length, got {sorted(lengths)}")
+        self.n = lengths.pop()
+        if self.n == 0:
+            raise ValueError("no examples to train on")
         self.seed, self.rank = seed, 0
         self.gen = torch.Generator().manual_seed(seed)
 
@@ -42,7 +47,7 @@ class RandomBatches:
 
     # A resumed run (Lightning checkpoint) continues the random stream instead of replaying it.
     def state_dict(self) -> dict:
-        return {"generator": self.gen.get_state(), "rank": getattr(self, "rank", 0)}
+        return {"generator": self.gen.get_state(), "rank": self.rank}
 
     def load_state_dict(self, state: dict) -> None:
         self.gen.set_state(state["generator"])
@@ -50,12 +55,18 @@ class RandomBatches:
 
     def __iter__(self) -> Iterator[dict]:
         rank = global_rank()
-        if rank != getattr(self, "rank", 0):  # known only once the DDP processes exist: here, not in __init__
+        if rank != self.rank:  # known only once the DDP processes exist: here, not in __init__
             self.rank = rank
-            self.gen.manual_seed(getattr(self, "seed", 0) + 7919 * rank)
+            self.gen.manual_seed(self.seed + 7919 * rank)
         for _ in range(self.steps):
             idx = torch.randint(0, self.n, (self.batch_size,), generator=self.gen)
             yield _index(self.tensors, idx)
+
+
+def _lengths(tree):
+    """The first-dimension length of every tensor in a (nested) dict."""
+    for v in tree.values():
+        yield from (_lengths(v) if isinstance(v, dict) else [len(v)])
 
 
 def _index(tree, idx):
@@ -92,9 +103,19 @@ def fit(policy: Policy, dataset, steps: int = 2000, batch_size: int = 256, seed:
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    quiet_lightning()
     L.seed_everything(seed, verbose=False)
     batches = RandomBatches(policy.prepare_training(window_tensors(policy, dataset), dataset), batch_size, steps, seed)
+    return train_module(policy, batches, steps, seed, progress, accelerator, devices, **trainer_kwargs)
+
+
+def train_module(module: L.LightningModule, batches, steps: int, seed: int = 0, progress: bool = True,
+                 accelerator: str = "auto", devices: int | str = 1, **trainer_kwargs) -> L.LightningModule:
+    """Run `steps` of `module.training_step` on an iterable of batches (e.g. RandomBatches) through a
+    quiet Lightning Trainer; return the module in eval mode. Shared by policies and reward models."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    quiet_lightning()
+    L.seed_everything(seed, verbose=False)
     # At most ~50 bar refreshes: in a notebook each refresh is a widget message, and per-step
     # messages made a papermill run of a 300-step fit take 15x longer than the fit itself.
     callbacks = [TQDMProgressBar(refresh_rate=max(1, steps // 50))] if progress else []
@@ -104,6 +125,6 @@ def fit(policy: Policy, dataset, steps: int = 2000, batch_size: int = 256, seed:
         log_every_n_steps=max(1, min(50, steps // 10)), num_sanity_val_steps=0,
         callbacks=callbacks + list(trainer_kwargs.pop("callbacks", [])), **trainer_kwargs,
     )
-    policy.train()
-    trainer.fit(policy, train_dataloaders=batches)
-    return policy.eval()
+    module.train()
+    trainer.fit(module, train_dataloaders=batches)
+    return module.eval()

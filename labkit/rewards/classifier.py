@@ -21,11 +21,10 @@ import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import TQDMProgressBar
 
 from labkit.data import Normalizer
 from labkit.policies.nets import ConvEncoder, mlp
-from labkit.policies.train import RandomBatches, quiet_lightning
+from labkit.policies.train import RandomBatches, train_module
 
 STATE = "observation.state"
 
@@ -154,39 +153,15 @@ def load_reward(path: str | Path, map_location: str = "cpu") -> RewardModel:
 # ---- training ----------------------------------------------------------------------------------------
 
 
-class TensorBatches(RandomBatches):
-    """labkit.policies.train.RandomBatches over any dict of equally long tensors (no `action` needed)."""
-
-    def __init__(self, tensors: dict, batch_size: int, steps: int, seed: int = 0):
-        lengths = {len(v) for v in tensors.values()}
-        if len(lengths) != 1:
-            raise ValueError(f"tensors must all have the same length, got {sorted(lengths)}")
-        self.tensors, self.batch_size, self.steps = tensors, batch_size, steps
-        self.n = lengths.pop()
-        if self.n == 0:
-            raise ValueError("no examples to train on")
-        self.gen = torch.Generator().manual_seed(seed)
-
-
-def fit_module(module: L.LightningModule, tensors: dict | TensorBatches, steps: int, batch_size: int = 256, seed: int = 0,
+def fit_module(module: L.LightningModule, tensors: dict | RandomBatches, steps: int, batch_size: int = 256, seed: int = 0,
                progress: bool = True, **trainer_kwargs) -> L.LightningModule:
     """Train `module` for `steps` gradient steps on random batches of in-memory `tensors` (Lightning), or on
-    prepared batches (a TensorBatches such as BalancedBatches)."""
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    quiet_lightning()
-    L.seed_everything(seed, verbose=False)
-    callbacks = [TQDMProgressBar(refresh_rate=max(1, steps // 50))] if progress else []
-    trainer = L.Trainer(max_steps=steps, max_epochs=-1, logger=False, enable_checkpointing=False,
-                        enable_model_summary=False, enable_progress_bar=progress, num_sanity_val_steps=0,
-                        callbacks=callbacks, **{"accelerator": "auto", "devices": 1, **trainer_kwargs})
-    module.train()
-    batches = tensors if isinstance(tensors, TensorBatches) else TensorBatches(tensors, batch_size, steps, seed)
-    trainer.fit(module, train_dataloaders=batches)
-    return module.eval()
+    prepared batches (a RandomBatches such as BalancedBatches)."""
+    batches = tensors if isinstance(tensors, RandomBatches) else RandomBatches(tensors, batch_size, steps, seed)
+    return train_module(module, batches, steps, seed, progress, **trainer_kwargs)
 
 
-class BalancedBatches(TensorBatches):
+class BalancedBatches(RandomBatches):
     """Random batches in which a fixed fraction of the rows are positives (`success` == 1): rare successes
     are then seen every step instead of once in many batches."""
 
