@@ -121,6 +121,31 @@ def test_buffer_ring_overwrites_the_oldest():
     torch.testing.assert_close(again["reward"], s["reward"])  # seeded
 
 
+def test_buffer_state_round_trip_keeps_the_ring():
+    buf = _buffer(5)
+    buf.add(_batch([0, 1, 2, 3, 4, 5, 6]))  # wrapped: slots hold [5, 6, 2, 3, 4], next write at 2
+    other = _buffer(5)
+    other.load_state_dict(buf.state_dict())
+    assert (len(other), other.ptr) == (5, 2)
+    assert other.storage["reward"].tolist() == [5, 6, 2, 3, 4]
+    torch.testing.assert_close(other.storage["obs"]["state"], buf.storage["obs"]["state"])
+    other.add(_batch([7]))  # continues where the saved one would have
+    assert other.storage["reward"].tolist() == [5, 6, 7, 3, 4]
+
+    part = _buffer(5)
+    part.add(_batch([9, 8]))
+    state = part.state_dict()
+    assert state["data"]["reward"].shape == (2,)  # only the filled slots are saved
+    fresh = _buffer(5)
+    fresh.load_state_dict(state)
+    assert fresh.storage["reward"][:2].tolist() == [9, 8] and len(fresh) == 2
+    with pytest.raises(ValueError, match="capacity 5"):
+        _buffer(6).load_state_dict(state)
+    wrong = ReplayBuffer(5, transition_fields({"state": (4,), "proprio": (1,)}, 2))
+    with pytest.raises(ValueError, match="obs\\['state'\\]"):
+        wrong.load_state_dict(state)
+
+
 def test_buffer_errors():
     buf = _buffer(4)
     with pytest.raises(RuntimeError, match="empty"):

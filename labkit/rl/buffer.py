@@ -124,6 +124,26 @@ class ReplayBuffer:
         return {name: ({k: t[idx] for k, t in s.items()} if isinstance(s, dict) else s[idx])
                 for name, s in self.storage.items()}
 
+    def state_dict(self) -> dict:
+        """The filled slots (in slot order) with the write position: what a resumed run needs, without
+        the empty rest of a preallocated ring."""
+        return {"capacity": self.capacity, "ptr": self.ptr, "size": self.size,
+                "data": self.get(torch.arange(self.size, device=self.device))}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Refill from `state_dict()` of a buffer with the same capacity and fields."""
+        if state["capacity"] != self.capacity:
+            raise ValueError(f"saved buffer has capacity {state['capacity']}, this one {self.capacity}: "
+                             "keep buffer_size as it was when the checkpoint was written")
+        size = int(state["size"])
+        for path, t, v in self._items(state["data"]):
+            v = _to_tensor(v, t.dtype, self.device)
+            if v.shape != (size, *t.shape[1:]):
+                raise ValueError(f"saved field {path} has shape {list(v.shape)}, expected [{size}, "
+                                 f"{', '.join(map(str, t.shape[1:]))}]")
+            t[:size] = v
+        self.ptr, self.size = int(state["ptr"]), size
+
     def sample(self, n: int, generator: torch.Generator | None = None) -> dict[str, Any]:
         """`n` transitions drawn uniformly with replacement (as RLPD/SAC do), seeded by `generator`."""
         if self.size == 0:

@@ -455,12 +455,38 @@ class DPPO:
         as DPPO evaluates; stochastic=True samples as in training, with the std floor)."""
         return DPPOPolicy(self, stochastic)
 
+    eval_policy = finetuned_policy  # the name the off-policy methods use
+
     def evaluate(self, episodes: int = 50, seed: int = 10_000, stochastic: bool = False, progress: bool = False):
         """`labkit.eval.evaluate` of the finetuned chain (compare with evaluate(agent.base, ...))."""
         from labkit.eval import evaluate
 
         return evaluate(self.finetuned_policy(stochastic), self.env_id, episodes, seed, env_kwargs=self.env_kwargs,
                         progress=progress)
+
+    def iterate(self) -> dict:
+        """One PPO iteration (collect, then update); returns its row: iteration, env_steps, episodes,
+        train_success / train_return of the episodes that ended in it, and the update's losses."""
+        batch = self.collect()
+        stats = self.update(batch)
+        self.iteration += 1
+        finished = batch["finished"]
+        return {"iteration": self.iteration, "env_steps": self.env_steps, "episodes": self.episodes,
+                "train_success": float(np.mean([s for s, _ in finished])) if finished else float("nan"),
+                "train_return": float(np.mean([r for _, r in finished])) if finished else float("nan"),
+                **stats}
+
+    def training_state(self) -> dict:
+        """Counters (networks and optimisers are saved by whoever holds them, e.g. a Lightning checkpoint)."""
+        return {"env_steps": self.env_steps, "iteration": self.iteration, "episodes": self.episodes}
+
+    def load_training_state(self, state: dict) -> None:
+        """Continue from `training_state()`: the envs restart from fresh episodes seeded by the iteration
+        (their mid-episode states were not saved), and the EMA copy follows the loaded weights."""
+        self.env_steps, self.iteration, self.episodes = state["env_steps"], state["iteration"], state["episodes"]
+        self._obs, _ = self.envs.reset(seed=self.config.seed + 1000 * self.iteration)
+        self._ep_return[:] = 0.0
+        self._sync_ema()
 
     def train(self, iterations: int | None = None, env_steps: int | None = None, eval_every: int | None = None,
               eval_episodes: int = 20, eval_seed: int = 10_000, progress: bool = True) -> list[dict]:
@@ -489,14 +515,7 @@ class DPPO:
         while (self.iteration - start_it < iterations) if iterations is not None else \
                 (self.env_steps - start_steps < env_steps):
             t0, before = time.perf_counter(), self.env_steps
-            batch = self.collect()
-            stats = self.update(batch)
-            self.iteration += 1
-            finished = batch["finished"]
-            row = {"iteration": self.iteration, "env_steps": self.env_steps, "episodes": self.episodes,
-                   "train_success": float(np.mean([s for s, _ in finished])) if finished else float("nan"),
-                   "train_return": float(np.mean([r for _, r in finished])) if finished else float("nan"),
-                   **stats}
+            row = self.iterate()
             last = (self.iteration - start_it >= iterations) if iterations is not None else \
                 (self.env_steps - start_steps >= env_steps)
             if eval_every and (self.iteration % eval_every == 0 or last):

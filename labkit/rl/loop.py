@@ -53,6 +53,7 @@ class OffPolicyAgent(ABC):
         self.log: list[dict] = []  # one dict of losses per gradient step
         self._episode_seed = self.config.seed
         self._obs, _ = env.reset(seed=self._episode_seed)
+        self._ep_return, self._ep_success = 0.0, False
 
     def advance(self, next_obs, terminated: bool, truncated: bool) -> bool:
         """Move to `next_obs`, or to the next seeded episode when this one ended; returns whether it ended."""
@@ -87,6 +88,48 @@ class OffPolicyAgent(ABC):
         """Extra numbers for the history row (e.g. a diagnostic counted while acting); reset after reading."""
         return {}
 
+    # ---- one step of the loop, and what a resumed run needs ----------------------------------------
+    def step(self) -> dict:
+        """One agent step: act (warm-up behaviour until `warmup_steps` env steps), then `utd` updates.
+        Returns collect's info plus "warm", and "episode_return"/"episode_success" when an episode ended."""
+        warm = self.warming_up()
+        info = self.collect(random=warm)
+        self._ep_return += float(info["reward"])
+        self._ep_success = self._ep_success or bool(info.get("is_success", False))
+        if info["episode_done"]:
+            info.update(episode_return=self._ep_return, episode_success=self._ep_success)
+            self._ep_return, self._ep_success = 0.0, False
+        if not warm:
+            for _ in range(self.config.utd):
+                self.update()
+        info["warm"] = warm
+        return info
+
+    def training_state(self) -> dict:
+        """Counters, the sampling generator and the online replay buffer (networks and optimisers are
+        saved by whoever holds them, e.g. `labkit.rl.fit.RLFit`'s Lightning checkpoint)."""
+        gen = getattr(self, "gen", None)
+        return {"env_steps": self.env_steps, "updates": self.updates, "episodes": self.episodes,
+                "episode_seed": self._episode_seed, "buffer": self.buffer.state_dict(),
+                "generator": gen.get_state() if gen is not None else None}
+
+    def load_training_state(self, state: dict) -> None:
+        """Continue from `training_state()`. The episode that was running when it was saved cannot be
+        continued (the env's internal state is not saved): the next seeded episode starts instead."""
+        self.env_steps, self.updates, self.episodes = state["env_steps"], state["updates"], state["episodes"]
+        self.buffer.load_state_dict(state["buffer"])
+        if state.get("generator") is not None:
+            self.gen.set_state(state["generator"])
+        self._episode_seed = state["episode_seed"] + 1
+        obs, _ = self.env.reset(seed=self._episode_seed)
+        self.restart(obs)
+
+    def restart(self, obs) -> None:
+        """Begin again from `obs`, a fresh episode's first observation (a method with per-episode state
+        of its own, such as pending n-step transitions, extends this)."""
+        self._obs = obs
+        self._ep_return, self._ep_success = 0.0, False
+
     # ---- evaluation and the loop --------------------------------------------------------------
     def evaluate(self, episodes: int = 50, seed: int = 10_000, progress: bool = False):
         """Success rate (with its Wilson interval) of `eval_policy()` over seeded episodes."""
@@ -108,7 +151,7 @@ class OffPolicyAgent(ABC):
         history: list[dict] = []
         bar = tqdm(total=env_steps, desc=self.name, disable=not progress)
         next_eval, since = (self.env_steps + eval_every) if eval_every else None, len(self.log)
-        returns, successes, ep_return, ep_success = [], [], 0.0, False
+        returns, successes = [], []
 
         def record() -> None:
             nonlocal since
@@ -127,18 +170,11 @@ class OffPolicyAgent(ABC):
             bar.set_postfix({k: f"{row[k]:.3g}" for k in ("success", "critic_loss") if k in row})
 
         while self.env_steps < target:
-            warm = self.warming_up()
             before = self.env_steps
-            info = self.collect(random=warm)
-            ep_return += float(info["reward"])
-            ep_success = ep_success or bool(info.get("is_success", False))
+            info = self.step()
             if info["episode_done"]:
-                returns.append(ep_return)
-                successes.append(ep_success)
-                ep_return, ep_success = 0.0, False
-            if not warm:
-                for _ in range(self.config.utd):
-                    self.update()
+                returns.append(info["episode_return"])
+                successes.append(info["episode_success"])
             bar.update(min(self.env_steps, target) - min(before, target))
             if next_eval is not None and self.env_steps >= next_eval:
                 record()

@@ -567,6 +567,45 @@ class RECAP:
         self.round += 1
         return row
 
+    def eval_policy(self) -> AdvantageFlowPolicy:
+        """The policy at its own guidance, for `labkit.eval.evaluate` (the name every RL method shares)."""
+        return self.policy
+
+    def step(self) -> dict:
+        """One round (what a training step is when RECAP runs through `labkit fit`)."""
+        return self.run_round()
+
+    def training_state(self) -> dict:
+        """Everything a resumed run needs: the episodes (arrays as tensors, so the checkpoint loads with
+        weights_only), the policy, the value, the counters and the generator. RECAP rebuilds its value
+        each round (and its policy with reinit_policy), so its weights travel here rather than as a
+        Lightning module's submodules."""
+        def tensors(ep: dict) -> dict:
+            return {k: ({kk: torch.from_numpy(vv) for kk, vv in v.items()} if isinstance(v, dict) else
+                        torch.from_numpy(v) if isinstance(v, np.ndarray) else v) for k, v in ep.items()}
+
+        return {"episodes": [tensors(e) for e in self.episodes], "policy": self.policy.state_dict(),
+                "value": self.value.state_dict() if self.value is not None else None, "round": self.round,
+                "env_steps": self.env_steps, "trained": self.trained, "history": self.history,
+                "rng": self.rng.bit_generator.state}
+
+    def load_training_state(self, state: dict) -> None:
+        """Continue from `training_state()` of a RECAP built with the same config."""
+        def arrays(ep: dict) -> dict:
+            return {k: ({kk: vv.numpy() for kk, vv in v.items()} if isinstance(v, dict) else
+                        v.numpy() if isinstance(v, torch.Tensor) else v) for k, v in ep.items()}
+
+        self.episodes = [arrays(e) for e in state["episodes"]]
+        self.policy.load_state_dict(state["policy"])
+        if state["value"] is not None:
+            pc = self.policy.config  # the value reads the policy's flattened observation window
+            obs_dim = sum(pc.obs_horizon * int(np.prod(self.policy.shapes[k])) for k in self.obs_keys)
+            self.value = ValueModel(obs_dim, self.config.bins, self.config.value_hidden, self.config.value_layers)
+            self.value.load_state_dict(state["value"])
+        self.round, self.env_steps, self.trained = state["round"], state["env_steps"], state["trained"]
+        self.history = list(state["history"])
+        self.rng.bit_generator.state = state["rng"]
+
     def train(self, rounds: int | None = None, progress: bool = True) -> list[dict]:
         """Run `rounds` rounds (default: config.rounds); returns the history, one dict per round."""
         bar = tqdm(range(rounds or self.config.rounds), desc="RECAP rounds", disable=not progress)

@@ -269,6 +269,13 @@ class ResidualRL(OffPolicyAgent):
         for _ in range(keep):
             self._pending.popleft()
 
+    def restart(self, obs) -> None:
+        """A fresh episode (on resume): no pending n-step steps, an empty base queue, new features."""
+        super().restart(obs)
+        self._pending.clear()
+        self.base.reset()
+        self._x, self._base = self._features(obs)
+
     # ---- acting ---------------------------------------------------------------------------------
     @torch.no_grad()
     def collect(self, random: bool = False) -> dict:
