@@ -3,7 +3,8 @@
     labkit demo                     train + evaluate a PushT policy from the shipped dataset
     labkit datasets                 regenerate the shipped datasets with the scripted experts
     labkit train DATASET OUT.ckpt   train a policy (bc, diffusion, flow, postbc-flow) on a dataset directory
-    labkit eval CKPT ENV_ID         success with a Wilson interval
+    labkit fit --config YAML        a policy (configs/) or an RL method (configs/rl/) through LightningCLI
+    labkit eval CKPT ENV_ID         success with a Wilson interval (a policy's or an RL run's checkpoint)
 """
 
 from __future__ import annotations
@@ -120,7 +121,8 @@ def main(argv=None) -> int:
         return 0
     p = argparse.ArgumentParser(prog="labkit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("fit", help="train a policy from a YAML config through LightningCLI (labkit fit --help)")
+    sub.add_parser("fit", help="train a policy or an RL method from a YAML config (configs/, configs/rl/) "
+                               "through LightningCLI (labkit fit --help)")
     d = sub.add_parser("demo", help="train and evaluate a PushT policy from the shipped dataset")
     d.add_argument("--steps", type=int, default=6000)
     d.add_argument("--episodes", type=int, default=100)
@@ -172,8 +174,11 @@ def main(argv=None) -> int:
     elif a.cmd == "eval":
         from labkit import load_policy
         from labkit.eval import evaluate
+        from labkit.rl.module import is_rl_checkpoint, load_agent
 
-        print(evaluate(load_policy(a.checkpoint), a.env_id, episodes=a.episodes, seed=a.seed).summary())
+        # An RL run's checkpoint (labkit fit --config configs/rl/...) rolls out its finetuned policy.
+        policy = load_agent(a.checkpoint).eval_policy() if is_rl_checkpoint(a.checkpoint) else load_policy(a.checkpoint)
+        print(evaluate(policy, a.env_id, episodes=a.episodes, seed=a.seed).summary())
     return 0
 
 

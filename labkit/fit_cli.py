@@ -12,10 +12,16 @@ resumes training where it stopped:
 
 The policy needs the dataset's shapes and normalisation statistics to be built; they are read by the
 data module and linked into the model's arguments when both are instantiated.
+
+A config whose model names a `method` (configs/rl/*.yaml) runs an RL method instead, through
+`labkit.rl.module.RLModule` and no data module (the agent collects its own data):
+
+    labkit fit --config configs/rl/dppo_peg.yaml
 """
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -29,22 +35,27 @@ from labkit.policies.train import RandomBatches, quiet_lightning, window_tensors
 RUNS = Path("runs")
 
 
+def open_dataset(dataset: str):
+    """A shipped dataset by name (`detour`, `peg`, ...) or a dataset folder by path."""
+    from labkit.cli import DATASETS
+    from labkit.data import load_dataset
+
+    path = Path(dataset)
+    if not path.exists():
+        path = DATASETS / dataset
+    if not path.exists():
+        shipped = sorted(p.name for p in DATASETS.iterdir() if p.is_dir())
+        raise ValueError(f"dataset {dataset!r} is neither a folder nor a shipped dataset ({', '.join(shipped)})")
+    return load_dataset(path)
+
+
 class EpisodeData(L.LightningDataModule):
     """A labkit episode dataset (a shipped name such as `detour`, or a path) as random training windows."""
 
     def __init__(self, dataset: str = "detour", successes_only: bool = False, episodes: int | None = None,
                  batch_size: int = 256, steps_per_epoch: int = 1000, seed: int = 0):
         super().__init__()
-        from labkit.cli import DATASETS
-        from labkit.data import load_dataset
-
-        path = Path(dataset)
-        if not path.exists():
-            path = DATASETS / dataset
-        if not path.exists():
-            shipped = sorted(p.name for p in DATASETS.iterdir() if p.is_dir())
-            raise ValueError(f"dataset {dataset!r} is neither a folder nor a shipped dataset ({', '.join(shipped)})")
-        data = load_dataset(path)
+        data = open_dataset(dataset)
         if successes_only:
             data = data.select(np.flatnonzero(np.asarray(data.episodes["success"], bool)).tolist())
         if episodes is not None:
@@ -63,11 +74,11 @@ class EpisodeData(L.LightningDataModule):
         return RandomBatches(tensors, self.batch_size, self.steps_per_epoch, self.seed)
 
 
-class LabkitCLI(LightningCLI):
+class RunsCLI(LightningCLI):
+    """LightningCLI with labkit's run folders: runs/<name>/version_<k>/ for logs and checkpoints."""
+
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--name", default="run", help="the run's folder under runs/")
-        parser.link_arguments("data.shapes", "model.init_args.shapes", apply_on="instantiate")
-        parser.link_arguments("data.stats", "model.init_args.stats", apply_on="instantiate")
 
     def before_instantiate_classes(self) -> None:
         # Loggers and checkpoints live under runs/<name>/version_<k>/ unless the YAML sets its own.
@@ -90,9 +101,64 @@ class LabkitCLI(LightningCLI):
         return
 
 
-def main(args: list[str] | None = None) -> LabkitCLI:
-    """Run LightningCLI with labkit's policies and data (`args` as on the command line, after `labkit`)."""
+class LabkitCLI(RunsCLI):
+    """Policies: the data module's shapes and statistics are linked into the policy's arguments."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        super().add_arguments_to_parser(parser)
+        parser.link_arguments("data.shapes", "model.init_args.shapes", apply_on="instantiate")
+        parser.link_arguments("data.stats", "model.init_args.stats", apply_on="instantiate")
+
+
+class RLCLI(RunsCLI):
+    """RL methods: one CPU process, checked before the Trainer exists (a Trainer for 2 devices would
+    already have launched its second process when the module could object)."""
+
+    def before_instantiate_classes(self) -> None:
+        super().before_instantiate_classes()
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        t = config["trainer"]
+        if t.get("accelerator") != "cpu" or str(t.get("devices")) not in ("1", "auto") or t.get("num_nodes", 1) != 1:
+            raise ValueError("RL methods train in one CPU process (the agent steps its own environments): "
+                             f"use --trainer.accelerator cpu --trainer.devices 1 (got accelerator "
+                             f"{t.get('accelerator')!r}, devices {t.get('devices')!r}, num_nodes {t.get('num_nodes')!r})")
+
+
+def _is_rl(args: list[str]) -> bool:
+    """Whether the command line (or a --config it names) trains an RL method (`model.method` is set)."""
+    import yaml
+
+    configs = [v for f, v in zip(args, args[1:], strict=False) if f == "--config"]
+    configs += [a.split("=", 1)[1] for a in args if a.startswith("--config=")]
+    for path in map(Path, configs):
+        if path.is_file():
+            config = yaml.safe_load(path.read_text()) or {}
+            if isinstance(config.get("model"), dict) and "method" in config["model"]:
+                return True
+    return any(a.startswith("--model.method") for a in args)
+
+
+def main(args: list[str] | None = None) -> RunsCLI:
+    """Run LightningCLI with labkit's policies and data, or with an RL method (`args` as on the command
+    line, after `labkit`)."""
+    import sys
+
     quiet_lightning()
+    if _is_rl(sys.argv[1:] if args is None else args):
+        from labkit.rl.module import RLModule
+
+        # The frozen base policy is in eval mode on purpose.
+        warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
+        return RLCLI(
+            RLModule, args=args, save_config_kwargs={"overwrite": True}, seed_everything_default=0,
+            trainer_defaults={
+                "accelerator": "cpu", "devices": 1, "max_epochs": -1, "num_sanity_val_steps": 0,
+                "enable_model_summary": False, "log_every_n_steps": 10,
+                # last.ckpt after every evaluation (and at the end); best.ckpt: the highest eval/success.
+                "callbacks": [ModelCheckpoint(filename="last", save_top_k=1),
+                              ModelCheckpoint(filename="best", monitor="eval/success", mode="max", save_top_k=1)],
+            },
+        )
     return LabkitCLI(
         Policy, EpisodeData, subclass_mode_model=True, args=args, save_config_kwargs={"overwrite": True},
         seed_everything_default=0,
