@@ -149,3 +149,19 @@ def test_recap_resumes_its_rounds_episodes_and_networks(peg_base, tmp_path, monk
                    weights_only=True)["rl_training_state"]
     assert b["round"] == 4 and len(b["episodes"]) > len(a["episodes"])
     assert [e["round"] for e in b["episodes"][: len(a["episodes"])]] == [e["round"] for e in a["episodes"]]
+
+
+def test_evaluation_is_seeded_and_leaves_training_randomness_alone(peg_base, tmp_path, monkeypatch):
+    # DPPO samples its chains from torch's global generator: evaluating more often must not change the run.
+    monkeypatch.chdir(tmp_path)
+    config = _small_config(next(c for c in CONFIGS if c.stem == "dppo_peg"), peg_base, tmp_path)
+    _fit(config)
+    _fit(config, "--model.eval_every", "1")
+    runs = [tmp_path / "runs" / "dppo_peg" / f"version_{i}" / "checkpoints" / "last.ckpt" for i in (0, 1)]
+    a, b = (torch.load(r, weights_only=True) for r in runs)
+    assert a["rl_training_state"] == b["rl_training_state"]
+    for k, v in a["state_dict"].items():
+        if isinstance(v, torch.Tensor):
+            torch.testing.assert_close(b["state_dict"][k], v, msg=k)
+    evals = [_evals(r.parents[1]) for r in runs]
+    assert evals[0][0]["eval/success"] == evals[1][0]["eval/success"]  # the base, before training
