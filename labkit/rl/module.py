@@ -4,8 +4,9 @@ ResFiT, EXPO, DPPO and RECAP through LightningCLI with the policies' logs, check
     training step   one step of the method's own loop: DSRL, ResFiT, EXPO one agent step (a chunk or
                     an env step) and then `utd` gradient updates; DPPO one PPO iteration; RECAP one
                     round (collect, fit the value, label, retrain the policy)
-    epoch           `eval_every` training steps; a validation pass after each runs `eval_episodes`
-                    seeded episodes of the current policy and logs `eval/success` and `eval/return`
+    epoch           `eval_every` training steps; a validation pass after each (and one before the first
+                    step) runs `eval_episodes` seeded episodes of the current policy and logs
+                    `eval/success` and `eval/return`
     checkpoint      the method's networks (registered here as submodules) and optimisers (handed to
                     Lightning), plus its replay buffer, counters and generator, so `--ckpt_path` resumes;
                     `last.ckpt` and `best.ckpt` (highest eval/success)
@@ -125,7 +126,7 @@ class RLModule(L.LightningModule):
                              f"({every}), so that the run ends with an evaluation and a checkpoint")
 
     def on_train_start(self) -> None:
-        # The base policy, for comparison (RECAP built from data has no policy before its first round).
+        # The method's starting policy, for comparison (RECAP built from data has none before its first round).
         if self.global_step == 0 and self.hparams.eval_episodes and getattr(self.agent, "trained", True):
             self._evaluate(lambda metrics: [lg.log_metrics(metrics, step=0) for lg in self.loggers])
 
