@@ -97,12 +97,15 @@ def test_fit_adapter_reduces_heldout_error():
     from labkit.policies import FlowPolicy
 
     ds = load_dataset(DATASETS / "arm").select(range(20))
+    torch.manual_seed(0)  # before the policy is built: its weights must not depend on the tests run before
     pol = FlowPolicy.from_dataset(ds, horizon=8, n_action_steps=4, obs_horizon=2, hidden=32, layers=1).eval()
-    torch.manual_seed(0)
     ad, rep = fit_adapter(pol, ds, max_age=5, lam=1.0)
     assert rep["mse_stale"].shape == (6,) and len(ad.W) == 6
-    # an untrained policy's chunks are poor; the innovation explains part of the residual on held-out episodes
-    assert np.all(rep["mse_adapted"] < rep["mse_stale"])
+    # An untrained policy's chunks are poor; for stale chunks (age >= 1) the innovation explains part of
+    # the residual on held-out episodes. At age 0 there is no innovation, only a fitted bias, which may
+    # miss the held-out episodes' by a little either way.
+    assert np.all(rep["mse_adapted"][1:] < rep["mse_stale"][1:])
+    assert rep["mse_adapted"][0] == pytest.approx(rep["mse_stale"][0], rel=0.05)
     src = AsyncChunkPolicy(pol, delay=2, adapter=ad)
     obs = {"state": ds.frames["observation.state"][0]}
     assert src(obs).shape == (6,)
