@@ -115,13 +115,14 @@ class RLCLI(RunsCLI):
     already have launched its second process when the module could object)."""
 
     def before_instantiate_classes(self) -> None:
+        from labkit.rl.module import ONE_PROCESS
+
         super().before_instantiate_classes()
         config = self.config[self.subcommand] if self.subcommand else self.config
         t = config["trainer"]
         if t.get("accelerator") != "cpu" or str(t.get("devices")) not in ("1", "auto") or t.get("num_nodes", 1) != 1:
-            raise ValueError("RL methods train in one CPU process (the agent steps its own environments): "
-                             f"use --trainer.accelerator cpu --trainer.devices 1 (got accelerator "
-                             f"{t.get('accelerator')!r}, devices {t.get('devices')!r}, num_nodes {t.get('num_nodes')!r})")
+            raise ValueError(f"{ONE_PROCESS} (got accelerator {t.get('accelerator')!r}, devices {t.get('devices')!r}, "
+                             f"num_nodes {t.get('num_nodes')!r})")
 
 
 def _is_rl(args: list[str]) -> bool:

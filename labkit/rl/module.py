@@ -42,6 +42,10 @@ METHODS = {
 }
 
 
+ONE_PROCESS = ("RL methods train in one CPU process (the agent steps its own environments): "
+               "use --trainer.accelerator cpu --trainer.devices 1")
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint file, or a run folder (`runs/flow_peg`, or one of its `version_k`): the newest
     version's `checkpoints/last.ckpt`."""
@@ -119,8 +123,7 @@ class RLModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         trainer, every = self.trainer, self.hparams.eval_every
         if trainer.num_devices != 1 or trainer.num_nodes != 1 or type(trainer.accelerator).__name__ != "CPUAccelerator":
-            raise ValueError("RL methods train in one CPU process (the agent steps its own environments): "
-                             "use --trainer.accelerator cpu --trainer.devices 1")
+            raise ValueError(ONE_PROCESS)
         if trainer.max_steps > 0 and trainer.max_steps % every:
             raise ValueError(f"trainer.max_steps ({trainer.max_steps}) must be a multiple of model.eval_every "
                              f"({every}), so that the run ends with an evaluation and a checkpoint")
