@@ -24,6 +24,8 @@ SHIPPED = {
     "detour": ("labkit/Detour-v0", {}, 200, 0),
     "pusht": ("labkit/PushT-v0", {}, 200, 0),
     "pusht_pixels": ("labkit/PushT-v0", {"obs_mode": "pixels"}, 50, 0),
+    # The same expert, seen from the block: state and actions in the block's frame (lesson 02).
+    "pusht_block": ("labkit/PushT-v0", {"frame": "block"}, 200, 0),
     # The imperfect expert's episodes, failures included (RECAP-style methods learn from both).
     "peg": ("labkit/PegInsert-v0", {}, 200, 0),
     "arm": ("labkit/ArmPickCube-v0", {}, 200, 0),  # the classroom arm's twin, teleop-style expert

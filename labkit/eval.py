@@ -83,10 +83,11 @@ def evaluate(policy, env_id: str, episodes: int = 50, seed: int = 0, env_kwargs:
     Episodes end on success, on failure (e.g. a collision) or at the task's time limit.
     """
     import labkit.envs  # noqa: F401  (registers the tasks)
+    from labkit.policies.base import rollout_kwargs
 
     if episodes < 1:
         raise ValueError(f"episodes must be >= 1, got {episodes}")
-    env_kwargs = dict(env_kwargs or {})
+    env_kwargs = rollout_kwargs(policy, env_id, env_kwargs or {})
     batched = _is_batched_policy(policy)
     if not batched and policy != "expert":
         num_envs = 1
@@ -152,8 +153,9 @@ def rollout_states(policy, env_id: str, episodes: int, seed: int = 0, key: str =
     array [T+1, ...] per episode (the reset observation first): for plotting paths, which
     `evaluate` does not keep."""
     import labkit.envs  # noqa: F401  (registers the tasks)
+    from labkit.policies.base import rollout_kwargs
 
-    env = gym.make(env_id, **(env_kwargs or {}))
+    env = gym.make(env_id, **rollout_kwargs(policy, env_id, env_kwargs or {}))
     out = []
     for i in range(episodes):
         obs, _ = env.reset(seed=seed + i)

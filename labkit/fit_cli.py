@@ -29,7 +29,7 @@ import numpy as np
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
-from labkit.policies.base import Policy
+from labkit.policies.base import Policy, dataset_env
 from labkit.policies.train import RandomBatches, quiet_lightning, window_tensors
 
 RUNS = Path("runs")
@@ -67,6 +67,7 @@ class EpisodeData(L.LightningDataModule):
         self.shapes = {k: list(v.shape[1:]) for k, v in data.frames.items()
                        if k == "action" or k.startswith("observation.")}
         self.stats = data.stats
+        self.env = dataset_env(data)  # the env it was recorded in: the policy is evaluated there
 
     def train_dataloader(self):
         policy = self.trainer.lightning_module
@@ -108,6 +109,7 @@ class LabkitCLI(RunsCLI):
         super().add_arguments_to_parser(parser)
         parser.link_arguments("data.shapes", "model.init_args.shapes", apply_on="instantiate")
         parser.link_arguments("data.stats", "model.init_args.stats", apply_on="instantiate")
+        parser.link_arguments("data.env", "model.init_args.env", apply_on="instantiate")
 
 
 class RLCLI(RunsCLI):

@@ -33,6 +33,7 @@ def test_every_config_trains(config, tmp_path, monkeypatch):
     run = next((tmp_path / "runs").glob("*/version_0"))
     policy = load_policy(run / "checkpoints" / "last.ckpt")
     assert type(policy).__name__ in config.read_text()
+    assert policy.data_env["env_id"].startswith("labkit/"), "the checkpoint must know the env it was trained for"
 
 
 def test_logs_checkpoint_and_resume(tmp_path, monkeypatch):

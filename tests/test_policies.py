@@ -122,3 +122,29 @@ def test_cli_train_and_eval(detour_ds, tmp_path, capsys):
     from labkit import load_policy
 
     assert type(load_policy(flow)).__name__ == "FlowPolicy"
+
+
+def test_policy_keeps_the_env_frame_its_data_was_recorded_in(tmp_path):
+    """A PushT policy trained in the block frame is rolled out in the block frame, after a checkpoint
+    round trip too; asking for the world frame is a named error, not a silent 0%."""
+    from labkit.policies.base import load_policy, rollout_kwargs
+
+    env = gym.make("labkit/PushT-v0", frame="block")
+    root = record(env, labkit.envs.expert(env), tmp_path / "block", episodes=2, env_kwargs={"frame": "block"},
+                  progress=False, max_steps=20)
+    ds = load_dataset(root, env_id="labkit/PushT-v0")
+    policy = BCPolicy.from_dataset(ds, horizon=4, n_action_steps=2, hidden=32, layers=1)
+    assert policy.data_env == {"env_id": "labkit/PushT-v0", "env_kwargs": {"frame": "block"}}
+    loaded = load_policy(policy.save(tmp_path / "p.ckpt"))
+    assert loaded.data_env == policy.data_env
+    assert rollout_kwargs(loaded, "labkit/PushT-v0", {"friction": 0.8}) == {"friction": 0.8, "frame": "block"}
+    with pytest.raises(ValueError, match="frame='block'"):
+        labkit.eval.evaluate(loaded, "labkit/PushT-v0", episodes=1, env_kwargs={"frame": "world"}, progress=False)
+    res = labkit.eval.evaluate(loaded, "labkit/PushT-v0", episodes=1, progress=False)
+    assert res.episodes == 1
+
+    world = BCPolicy.from_dataset(load_dataset(labkit.cli.DATASETS / "pusht"), hidden=32, layers=1)
+    assert rollout_kwargs(world, "labkit/PushT-v0", {}) == {}  # the default frame is not passed on
+    with pytest.raises(ValueError, match="frame='world'"):
+        rollout_kwargs(world, "labkit/PushT-v0", {"frame": "block"})
+    assert rollout_kwargs(world, "labkit/Detour-v0", {"x": 1}) == {"x": 1}  # another task: untouched

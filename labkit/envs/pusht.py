@@ -14,6 +14,13 @@ Observation `state` (12-D, metres):
           tip of the stem (with these the pose is unambiguous and continuous)
 `proprio` (4-D): pusher x, y, vx, vy.
 
+`frame="block"` shows the same task from the block: `state` holds the pusher's position, the target's
+centre, cos/sin of the target's angle and the target's three keypoints, all in the block's own frame,
+and the action is the pusher target in the block's frame (converted with the block's pose at the
+step it is applied). The physics is unchanged. A pushing strategy is the same wherever the block lies
+and however it is turned, and in this frame it looks the same too: the scripted expert's law no longer
+has to be learnt once per block angle (lesson 02 measures what that is worth).
+
 `info["coverage"]` is the fraction of the target T covered by the block; success is coverage >= 0.95.
 The dense reward is the coverage itself (in [0, 1]); the sparse reward is 1 on success.
 """
@@ -35,6 +42,8 @@ TARGET = np.array([0.0, 0.0, np.pi / 4])  # x, y, angle of the target pose
 PUSHER_R = 0.015
 HALF_H = 0.01  # half-height of the block
 SUCCESS_COVERAGE = 0.95
+FRAMES = ("world", "block")
+BLOCK_REACH = 0.6  # bound on block-frame actions: |pusher target - block centre| <= ~0.53 m
 
 
 def _box_geoms(name: str, rgba: str, z: float, hz: float, extra: str = "") -> str:
@@ -128,14 +137,26 @@ class PushTEnv(MujocoTask):
     state_dim = 12
     proprio_dim = 4
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, frame: str = "world", **kwargs):
+        if frame not in FRAMES:
+            raise ValueError(f"frame must be one of {FRAMES}, got {frame!r}")
+        self.frame = frame
         super().__init__(*args, **kwargs)
         self._bq = self.model.joint("bx").qposadr[0]  # block qpos: x, y, z, angle
         self._pq = self.model.joint("px").qposadr[0]  # pusher qpos: x, y
         self._pv = self.model.joint("px").dofadr[0]
 
     def _action_space(self) -> spaces.Box:
+        if self.frame == "block":  # a target anywhere the workspace can be, seen from the block
+            return spaces.Box(-BLOCK_REACH, BLOCK_REACH, (2,), np.float32)
         return spaces.Box(-WORKSPACE, WORKSPACE, (2,), np.float32)
+
+    def to_env_frame(self, target: np.ndarray) -> np.ndarray:
+        """A world-frame pusher target as this env's action (the block frame when frame="block")."""
+        if self.frame == "world":
+            return target
+        pose = self.block_pose()
+        return (np.asarray(target) - pose[:2]) @ rot(pose[2])
 
     def block_pose(self) -> np.ndarray:
         """(x, y, angle) of the block, angle wrapped to (-pi, pi]."""
@@ -163,10 +184,17 @@ class PushTEnv(MujocoTask):
         self.data.ctrl[:] = pusher
 
     def _apply_action(self, action):
+        if self.frame == "block":
+            action = np.clip(to_world(self.block_pose(), action[None])[0], -WORKSPACE, WORKSPACE)
         self.data.ctrl[:] = action
 
     def _state(self):
         pose = self.block_pose()
+        if self.frame == "block":  # everything the task depends on, seen from the block
+            local = lambda p: (p - pose[:2]) @ rot(pose[2])  # noqa: E731
+            dt = TARGET[2] - pose[2]
+            return np.concatenate([local(self.pusher_pos()), local(TARGET[:2]), [np.cos(dt), np.sin(dt)],
+                                   local(to_world(TARGET, KEYPOINTS)).ravel()])
         kp = to_world(pose, KEYPOINTS).ravel()
         return np.concatenate([self.pusher_pos(), pose[:2], [np.cos(pose[2]), np.sin(pose[2])], kp])
 
@@ -372,7 +400,7 @@ class PushTExpert:
         dist = np.linalg.norm(delta)
         if dist > 0.025:
             target = pusher + delta * 0.025 / dist
-        return np.clip(target, -WORKSPACE, WORKSPACE).astype(np.float32)
+        return self.env.to_env_frame(np.clip(target, -WORKSPACE, WORKSPACE)).astype(np.float32)
 
     def _navigate(self, p: np.ndarray, goal: np.ndarray) -> np.ndarray:
         """Next pusher target (block frame) on the way to `goal`: straight there when the way is

@@ -36,6 +36,43 @@ POLICY_CLASSES = {
 }
 
 
+# Env options that change what the state and the action mean, with their defaults: a policy is rolled
+# out with the values it was trained with. (Physics options such as friction stay the caller's choice;
+# obs_mode only adds observations, and a pixel policy already fails clearly without pixels.)
+INTERFACE_KWARGS = {"frame": "world"}
+
+
+def env_interface(env: dict | None) -> dict:
+    """{"env_id": ..., "env_kwargs": {...}} with only the interface options kept ({} when unknown)."""
+    if not env:
+        return {}
+    kwargs = {k: v for k, v in (env.get("env_kwargs") or {}).items() if k in INTERFACE_KWARGS}
+    return {"env_id": env.get("env_id"), "env_kwargs": kwargs}
+
+
+def dataset_env(dataset) -> dict:
+    """The env a labkit dataset was recorded in (its info.json), as a policy's `env`."""
+    return env_interface((getattr(dataset, "info", None) or {}).get("labkit"))
+
+
+def rollout_kwargs(policy, env_id: str, env_kwargs: dict) -> dict:
+    """`env_kwargs` for rolling `policy` out in `env_id`, with the interface options it was trained
+    with filled in. Asking for a different one (a block-frame PushT policy in the world frame) is an
+    error: the policy would read the wrong numbers and score ~0 without saying why."""
+    trained_in = getattr(policy, "data_env", None) or {}
+    if trained_in.get("env_id") != env_id:
+        return dict(env_kwargs)
+    out = dict(env_kwargs)
+    for key, default in INTERFACE_KWARGS.items():
+        trained = trained_in["env_kwargs"].get(key, default)
+        if out.get(key, trained) != trained:
+            raise ValueError(f"this policy was trained on {env_id} with {key}={trained!r}; "
+                             f"it cannot be rolled out with {key}={out[key]!r}")
+        if trained != default:
+            out[key] = trained
+    return out
+
+
 @dataclass
 class PolicyConfig:
     """What every policy shares: which observations it sees, and its chunking."""
@@ -61,7 +98,8 @@ class Policy(L.LightningModule):
 
     config_class: type[PolicyConfig] = PolicyConfig
 
-    def __init__(self, config: PolicyConfig | dict, shapes: dict[str, list[int]], stats: dict[str, dict]):
+    def __init__(self, config: PolicyConfig | dict, shapes: dict[str, list[int]], stats: dict[str, dict],
+                 env: dict | None = None):
         super().__init__()
         if isinstance(config, dict):
             names = {f.name for f in dataclasses.fields(self.config_class)}
@@ -79,8 +117,11 @@ class Policy(L.LightningModule):
         modes = {k: ("min_max" if k == "action" else "identity" if k.startswith("observation.images") else "mean_std")
                  for k in self.shapes}
         self.normalizer = Normalizer.from_stats(self.stats, modes)
+        # The env interface its data was recorded with ({"env_id", "env_kwargs"}, e.g. PushT's block
+        # frame): `labkit.eval.evaluate` rolls the policy out in it, so a checkpoint evaluates as trained.
+        self.data_env = env_interface(env)
         self.save_hyperparameters({"policy_class": type(self).__name__, "config": dataclasses.asdict(config),
-                                   "shapes": self.shapes, "stats": self.stats})
+                                   "shapes": self.shapes, "stats": self.stats, "env": self.data_env})
         self.loss_history: list[torch.Tensor] = []
         self.reset()
 
@@ -89,7 +130,7 @@ class Policy(L.LightningModule):
         """Build a policy whose shapes and normaliser come from `dataset` (a labkit EpisodeDataset)."""
         cfg = cls.config_class(**config)
         shapes = {k: list(dataset.frames[k].shape[1:]) for k in (*cfg.obs_keys, "action") if k in dataset.frames}
-        return cls(cfg, shapes, dataset.stats)
+        return cls(cfg, shapes, dataset.stats, dataset_env(dataset))
 
     # ---- what a method provides ---------------------------------------------------------------
     def loss(self, obs: dict[str, torch.Tensor], action: torch.Tensor, is_pad: torch.Tensor) -> torch.Tensor:
@@ -222,6 +263,6 @@ def load_policy(path: str | Path, map_location: str | torch.device = "cpu") -> P
         raise ValueError(f"{path} is not a labkit policy checkpoint (policy_class={name!r}; known: {sorted(POLICY_CLASSES)})")
     module, cls_name = POLICY_CLASSES[name].split(":")
     cls = getattr(__import__(module, fromlist=[cls_name]), cls_name)
-    policy = cls(hp["config"], hp["shapes"], hp["stats"])
+    policy = cls(hp["config"], hp["shapes"], hp["stats"], hp.get("env"))
     policy.load_state_dict(ckpt["state_dict"])
     return policy.eval()

@@ -24,8 +24,8 @@ class BCPolicy(Policy):
 
     config_class = BCConfig
 
-    def __init__(self, config, shapes, stats):
-        super().__init__(config, shapes, stats)
+    def __init__(self, config, shapes, stats, env=None):
+        super().__init__(config, shapes, stats, env)
         c = self.config
         self.encoder = ObsEncoder({k: self.shapes[k] for k in c.obs_keys}, c.obs_horizon)
         self.head = mlp(self.encoder.out_dim, c.horizon * self.action_dim, c.hidden, c.layers)

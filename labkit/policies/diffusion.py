@@ -57,8 +57,8 @@ class DiffusionPolicy(GenerativePolicy):
 
     config_class = DiffusionConfig
 
-    def __init__(self, config, shapes, stats):
-        super().__init__(config, shapes, stats)
+    def __init__(self, config, shapes, stats, env=None):
+        super().__init__(config, shapes, stats, env)
         abar = torch.cumprod(1 - squaredcos_cap_v2(self.config.num_train_timesteps), 0).float()
         self.register_buffer("alphas_cumprod", abar, persistent=False)  # rebuilt from the config
 

@@ -80,8 +80,8 @@ class GenerativePolicy(Policy):
 
     config_class = GenerativeConfig
 
-    def __init__(self, config, shapes, stats):
-        super().__init__(config, shapes, stats)
+    def __init__(self, config, shapes, stats, env=None):
+        super().__init__(config, shapes, stats, env)
         c = self.config
         encoder = ObsEncoder({k: self.shapes[k] for k in c.obs_keys}, c.obs_horizon)
         denoiser = make_denoiser(c.backbone, c.horizon, self.action_dim, encoder.out_dim, c)

@@ -71,7 +71,7 @@ def ensemble_spread(template, tensors: dict, size: int = 5, steps: int = 1000, b
         torch.manual_seed(seed + 1 + k)
         cfg = BCConfig(obs_keys=c.obs_keys, obs_horizon=c.obs_horizon, horizon=c.horizon,
                        n_action_steps=c.n_action_steps, hidden=hidden, layers=layers)
-        member = BCPolicy(cfg, template.shapes, template.stats)
+        member = BCPolicy(cfg, template.shapes, template.stats, template.data_env)
         opt = torch.optim.AdamW(member.parameters(), lr=1e-3, weight_decay=1e-6)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
         member.train()

@@ -181,8 +181,8 @@ class AdvantageFlowPolicy(FlowPolicy):
 
     config_class = AdvantageFlowConfig
 
-    def __init__(self, config, shapes, stats):
-        super().__init__(config, shapes, stats)
+    def __init__(self, config, shapes, stats, env=None):
+        super().__init__(config, shapes, stats, env)
         c, encoder = self.config, self.model["encoder"]
         # The indicator joins the observation features, so the denoiser's conditioning is wider than
         # FlowPolicy's: rebuild it, add the embedding, and take the EMA copy of the whole again.
@@ -211,7 +211,7 @@ class AdvantageFlowPolicy(FlowPolicy):
         if unknown:
             raise ValueError(f"only {sorted(ADVANTAGE_FIELDS)} can change when warm-starting, got {sorted(unknown)}")
         base = {k: v for k, v in dataclasses.asdict(policy.config).items() if k not in ADVANTAGE_FIELDS}
-        new = cls(cls.config_class(**base, **fields), policy.shapes, policy.stats)
+        new = cls(cls.config_class(**base, **fields), policy.shapes, policy.stats, policy.data_env)
         old, state, e, td = policy.state_dict(), new.state_dict(), new.config.indicator_dim, new.config.time_dim
         for name, w in state.items():
             if name not in old:
@@ -545,7 +545,8 @@ class RECAP:
         labels = self.advantages()
         ds = self.labelled_dataset(labels["indicator"])
         if c.reinit_policy:
-            self.policy = AdvantageFlowPolicy(copy.deepcopy(self.policy.config), self.policy.shapes, self.policy.stats)
+            self.policy = AdvantageFlowPolicy(copy.deepcopy(self.policy.config), self.policy.shapes, self.policy.stats,
+                                              self.policy.data_env)
         self.policy.loss_history.clear()
         fit(self.policy, ds, c.policy_steps, c.batch_size, seed=c.seed + self.round, progress=progress)
         self.trained = True
