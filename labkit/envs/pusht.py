@@ -43,7 +43,9 @@ PUSHER_R = 0.015
 HALF_H = 0.01  # half-height of the block
 SUCCESS_COVERAGE = 0.95
 FRAMES = ("world", "block")
-BLOCK_REACH = 0.6  # bound on block-frame actions: |pusher target - block centre| <= ~0.53 m
+# Bound on block-frame actions: wide enough for any workspace point seen from any block position
+# (the world-frame target is clipped to the workspace anyway).
+BLOCK_REACH = 1.0
 
 
 def _box_geoms(name: str, rgba: str, z: float, hz: float, extra: str = "") -> str:
@@ -114,6 +116,11 @@ def to_world(pose: np.ndarray, pts: np.ndarray) -> np.ndarray:
     return pts @ rot(pose[2]).T + pose[:2]
 
 
+def to_local(pose: np.ndarray, pts: np.ndarray) -> np.ndarray:
+    """World points -> the frame of a T at `pose` (x, y, angle): the inverse of `to_world`."""
+    return (pts - pose[:2]) @ rot(pose[2])
+
+
 def inside_t(pts: np.ndarray) -> np.ndarray:
     """Which points (in the T's own frame) lie inside the T."""
     inside = np.zeros(len(pts), bool)
@@ -125,7 +132,7 @@ def inside_t(pts: np.ndarray) -> np.ndarray:
 def coverage(block_pose: np.ndarray, target_pose: np.ndarray = TARGET) -> float:
     """Fraction of the target T's area covered by the block's T (both T's have the same area)."""
     world = to_world(target_pose, T_POINTS)
-    local = (world - block_pose[:2]) @ rot(block_pose[2])  # world -> block frame
+    local = to_local(block_pose, world)
     return float(inside_t(local).mean())
 
 
@@ -155,8 +162,7 @@ class PushTEnv(MujocoTask):
         """A world-frame pusher target as this env's action (the block frame when frame="block")."""
         if self.frame == "world":
             return target
-        pose = self.block_pose()
-        return (np.asarray(target) - pose[:2]) @ rot(pose[2])
+        return to_local(self.block_pose(), np.asarray(target))
 
     def block_pose(self) -> np.ndarray:
         """(x, y, angle) of the block, angle wrapped to (-pi, pi]."""
@@ -175,7 +181,7 @@ class PushTEnv(MujocoTask):
         # The pusher starts anywhere in the workspace not touching the block.
         while True:
             pusher = rng.uniform(-0.2, 0.2, 2)
-            local = (pusher - pose[:2]) @ rot(pose[2])
+            local = to_local(pose, pusher)
             if signed_distance(local)[0] > PUSHER_R + 0.02:
                 break
         q = self.data.qpos
@@ -191,10 +197,9 @@ class PushTEnv(MujocoTask):
     def _state(self):
         pose = self.block_pose()
         if self.frame == "block":  # everything the task depends on, seen from the block
-            local = lambda p: (p - pose[:2]) @ rot(pose[2])  # noqa: E731
             dt = TARGET[2] - pose[2]
-            return np.concatenate([local(self.pusher_pos()), local(TARGET[:2]), [np.cos(dt), np.sin(dt)],
-                                   local(to_world(TARGET, KEYPOINTS)).ravel()])
+            return np.concatenate([to_local(pose, self.pusher_pos()), to_local(pose, TARGET[:2]),
+                                   [np.cos(dt), np.sin(dt)], to_local(pose, to_world(TARGET, KEYPOINTS)).ravel()])
         kp = to_world(pose, KEYPOINTS).ravel()
         return np.concatenate([self.pusher_pos(), pose[:2], [np.cos(pose[2]), np.sin(pose[2])], kp])
 
@@ -364,7 +369,7 @@ class PushTExpert:
     def __call__(self, obs) -> np.ndarray:
         pose = self.env.block_pose()
         pusher = self.env.pusher_pos()
-        p_local = (pusher - pose[:2]) @ rot(pose[2])
+        p_local = to_local(pose, pusher)
         approach = self.cand + self.normals * (PUSHER_R + 0.006)
         # Contacts whose approach point lies outside the workspace cannot be used.
         valid = np.all(np.abs(to_world(pose, approach)) < WORKSPACE - 0.005, axis=1)
