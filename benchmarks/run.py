@@ -156,7 +156,9 @@ def bench_policies(steps: int = 100, calls: int = 30) -> list[dict]:
     one = {"observation.state": torch.as_tensor(ds.windows(2, 16)["obs"]["observation.state"][:1])}
     rows = []
     for name, cls, cfg in [("BC", BCPolicy, {}), ("diffusion", DiffusionPolicy, {"backbone": "mlp"}),
-                           ("flow", FlowPolicy, {"backbone": "mlp"}), ("diffusion", DiffusionPolicy, {"backbone": "unet"}),
+                           ("flow", FlowPolicy, {"backbone": "mlp"}),
+                           ("flow", FlowPolicy, {"backbone": "mlp", "activation": "silu"}),
+                           ("diffusion", DiffusionPolicy, {"backbone": "unet"}),
                            ("flow", FlowPolicy, {"backbone": "unet"})]:
         policy = cls.from_dataset(ds, **cfg)
         params = sum(p.numel() for p in policy.parameters() if p.requires_grad)
@@ -165,7 +167,8 @@ def bench_policies(steps: int = 100, calls: int = 30) -> list[dict]:
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         start = time.perf_counter()
         fit(policy, ds, steps=n, progress=False)
-        row = {"policy": name, "backbone": cfg.get("backbone", "mlp"), "params": params,
+        row = {"policy": name, "backbone": cfg.get("backbone", "mlp"), "activation": cfg.get("activation", "mish"),
+               "params": params,
                "train_steps_per_s": n / (time.perf_counter() - start),
                "peak_rss_growth_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024}
         for k in ([1] if name == "BC" else [1, 5, 10, 20]):
@@ -180,7 +183,7 @@ def bench_policies(steps: int = 100, calls: int = 30) -> list[dict]:
             row[f"ms_per_chunk_k{k}"] = 1000 * sorted(times)[len(times) // 2]
         rows.append(row)
         lat = ", ".join(f"K={k}: {v:.1f}" for k, v in ((c[14:], v) for c, v in row.items() if c.startswith("ms_per")))
-        print(f"{name:9s} {row['backbone']:4s} {params / 1e6:5.2f}M params  {row['train_steps_per_s']:6.1f} steps/s  "
+        print(f"{name:9s} {row['backbone']:4s} {row['activation']:4s} {params / 1e6:5.2f}M params  {row['train_steps_per_s']:6.1f} steps/s  "
               f"ms/chunk {lat}  peak RSS +{row['peak_rss_growth_mb']:.0f} MB")
     return rows
 

@@ -136,6 +136,34 @@ def test_ema_decay_schedule_and_update():
     ema.update(net)
     torch.testing.assert_close(ema.model.weight, net.weight)
     assert not ema.model.weight.requires_grad
+    # Later updates move the copy a fraction 1 - decay of the way to the live weights.
+    ema.step.fill_(450)
+    old, d = ema.model.weight.clone(), ema.decay()
+    with torch.no_grad():
+        net.weight.add_(1.0)
+    ema.update(net)
+    torch.testing.assert_close(ema.model.weight, d * old + (1 - d) * net.weight)
+    with pytest.raises(ValueError, match="not the same network"):
+        ema.update(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)))
+
+
+def test_activation_is_a_choice_and_silu_learns_both_modes():
+    torch.manual_seed(0)
+    policy = toy_policy(FlowPolicy, activation="silu", ema=False)
+    kinds = {type(m) for m in policy.model.modules()}
+    assert torch.nn.SiLU in kinds and torch.nn.Mish not in kinds
+    opt = torch.optim.Adam(policy.parameters(), lr=3e-3)
+    gen, pad = torch.Generator().manual_seed(0), torch.zeros(256, 4, dtype=torch.bool)
+    for _ in range(300):
+        loss = policy.loss(toy_obs(256), toy_chunk(256, gen), pad)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        a = policy.eval().sample(toy_obs(400)).actions.mean(dim=(1, 2))
+    assert ((a - 0.6).abs() < 0.2).float().mean() > 0.25 and ((a + 0.6).abs() < 0.2).float().mean() > 0.25
+    with pytest.raises(ValueError, match="activation must be one of.*'silu'.*got 'swish'"):
+        toy_policy(FlowPolicy, activation="swish")
 
 
 @pytest.mark.parametrize("cls", CLASSES)

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from labkit.policies.base import Policy, PolicyConfig
-from labkit.policies.nets import EMA, ObsEncoder, make_denoiser
+from labkit.policies.nets import EMA, ObsEncoder, activation, make_denoiser
 
 
 @dataclass
@@ -32,6 +32,8 @@ class GenerativeConfig(PolicyConfig):
     kernel_size: int = 5
     n_groups: int = 8  # GroupNorm groups in the U-Net
     time_dim: int = 64  # width of the time / diffusion-step embedding
+    # MLP activation. Mish is Diffusion Policy's; SiLU, its smooth near-twin, is ~8x cheaper on CPU.
+    activation: str = "mish"
     steps: int = 10  # sampling steps K at inference
     ema: bool = True  # evaluate with an exponential moving average of the weights
     ema_power: float = 0.75
@@ -49,6 +51,7 @@ class GenerativeConfig(PolicyConfig):
             raise ValueError(f"backbone must be 'mlp' or 'unet', got {self.backbone!r}")
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
+        activation(self.activation)  # a ValueError naming the choices
 
 
 @dataclass

@@ -15,6 +15,18 @@ import torch.nn.functional as F
 from torch import nn
 
 
+# On CPU, PyTorch's Mish is slow: at width 256 it took 8x SiLU's time forward, and Mish forward and
+# backward were a quarter of a flow policy's training step (measured, one thread; benchmarks/README.md).
+ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU, "silu": nn.SiLU, "mish": nn.Mish}
+
+
+def activation(name: str) -> type[nn.Module]:
+    """The activation class called `name` (a key of ACTIVATIONS), or a ValueError that lists them."""
+    if name not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {name!r}")
+    return ACTIVATIONS[name]
+
+
 def mlp(inp: int, out: int, hidden: int = 256, layers: int = 3, act: type[nn.Module] = nn.Mish,
         layer_norm: bool = False) -> nn.Sequential:
     """`layers` hidden layers of width `hidden`, then a linear head."""
@@ -109,10 +121,10 @@ def sinusoidal_embedding(t: torch.Tensor, dim: int, scale: float = 1000.0) -> to
 class TimeEmbedding(nn.Module):
     """Sinusoidal features followed by a small MLP (Diffusion Policy's diffusion-step encoder)."""
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, act: type[nn.Module] = nn.Mish):
         super().__init__()
         self.dim = dim
-        self.net = nn.Sequential(nn.Linear(dim, 4 * dim), nn.Mish(), nn.Linear(4 * dim, dim))
+        self.net = nn.Sequential(nn.Linear(dim, 4 * dim), act(), nn.Linear(4 * dim, dim))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         return self.net(sinusoidal_embedding(t, self.dim))
@@ -121,17 +133,18 @@ class TimeEmbedding(nn.Module):
 class FiLMBlock(nn.Module):
     """Residual MLP block whose hidden features are scaled and shifted by the conditioning (FiLM)."""
 
-    def __init__(self, hidden: int, cond_dim: int):
+    def __init__(self, hidden: int, cond_dim: int, act: type[nn.Module] = nn.Mish):
         super().__init__()
         self.fc1, self.fc2 = nn.Linear(hidden, hidden), nn.Linear(hidden, hidden)
+        self.act = act()
         self.film = nn.Linear(cond_dim, 2 * hidden)
         nn.init.zeros_(self.film.weight)  # start as an unconditioned residual MLP
         nn.init.zeros_(self.film.bias)
 
     def forward(self, h: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         scale, shift = self.film(cond).chunk(2, dim=-1)
-        y = self.fc1(F.mish(h)) * (1 + scale) + shift
-        return h + self.fc2(F.mish(y))
+        y = self.fc1(self.act(h)) * (1 + scale) + shift
+        return h + self.fc2(self.act(y))
 
 
 class MLPDenoiser(nn.Module):
@@ -142,19 +155,20 @@ class MLPDenoiser(nn.Module):
     """
 
     def __init__(self, horizon: int, action_dim: int, cond_dim: int, hidden: int = 256, layers: int = 3,
-                 time_dim: int = 64, cond: str = "film"):
+                 time_dim: int = 64, cond: str = "film", act: str = "mish"):
         super().__init__()
         if cond not in ("film", "concat"):
             raise ValueError(f"cond must be 'film' or 'concat', got {cond!r}")
+        act_cls = activation(act)
         self.cond, self.shape = cond, (horizon, action_dim)
         x_dim, c_dim = horizon * action_dim, cond_dim + time_dim
-        self.time = TimeEmbedding(time_dim)
+        self.time = TimeEmbedding(time_dim, act_cls)
         if cond == "concat":
-            self.net = mlp(x_dim + c_dim, x_dim, hidden, layers)
+            self.net = mlp(x_dim + c_dim, x_dim, hidden, layers, act_cls)
         else:
             self.inp = nn.Linear(x_dim, hidden)
-            self.blocks = nn.ModuleList(FiLMBlock(hidden, c_dim) for _ in range(layers))
-            self.out = nn.Sequential(nn.Mish(), nn.Linear(hidden, x_dim))
+            self.blocks = nn.ModuleList(FiLMBlock(hidden, c_dim, act_cls) for _ in range(layers))
+            self.out = nn.Sequential(act_cls(), nn.Linear(hidden, x_dim))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         c = torch.cat([cond, self.time(t)], dim=-1)
@@ -231,7 +245,8 @@ class UNet1dDenoiser(nn.Module):
 def make_denoiser(backbone: str, horizon: int, action_dim: int, cond_dim: int, config) -> nn.Module:
     """The denoiser a generative policy's config asks for: `backbone="mlp"` (default) or `"unet"`."""
     if backbone == "mlp":
-        return MLPDenoiser(horizon, action_dim, cond_dim, config.hidden, config.layers, config.time_dim, config.cond)
+        return MLPDenoiser(horizon, action_dim, cond_dim, config.hidden, config.layers, config.time_dim, config.cond,
+                           config.activation)
     if backbone == "unet":
         return UNet1dDenoiser(horizon, action_dim, cond_dim, tuple(config.down_dims), config.kernel_size,
                               config.n_groups, config.time_dim)
@@ -261,8 +276,10 @@ class EMA(nn.Module):
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         d = self.decay()
-        for e, p in zip(self.model.parameters(), model.parameters(), strict=True):
-            e.lerp_(p.detach(), 1 - d)
+        ema, live = list(self.model.parameters()), [p.detach() for p in model.parameters()]
+        if len(ema) != len(live):
+            raise ValueError(f"EMA copy has {len(ema)} parameters, the model {len(live)}: not the same network")
+        torch._foreach_lerp_(ema, live, 1 - d)  # one fused call: a Python loop of lerp_ cost ~1 ms a step
         for e, b in zip(self.model.buffers(), model.buffers(), strict=True):
             e.copy_(b)
         self.step += 1

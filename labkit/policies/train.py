@@ -10,12 +10,14 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
 
-from labkit.policies.base import Policy
+if TYPE_CHECKING:  # base.py imports log_loss from here
+    from labkit.policies.base import Policy
 
 
 def global_rank() -> int:
@@ -71,6 +73,15 @@ def _lengths(tree):
 
 def _index(tree, idx):
     return {k: _index(v, idx) for k, v in tree.items()} if isinstance(tree, dict) else tree[idx]
+
+
+def log_loss(module: L.LightningModule, loss: torch.Tensor) -> None:
+    """Log the training loss (and show it on the progress bar) on the steps the trainer's loggers
+    write, every `log_every_n_steps`. Each `self.log` call costs ~1.5 ms on CPU (Lightning moves its
+    result store to the device every time): ~8% of a small flow policy's training step."""
+    trainer = module._trainer
+    if trainer is not None and (trainer.global_step + 1) % max(1, trainer.log_every_n_steps) == 0:
+        module.log("train/loss", loss, prog_bar=True)
 
 
 def window_tensors(policy: Policy, dataset) -> dict:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from labkit.data import Normalizer
 from labkit.policies.nets import ConvEncoder, mlp
-from labkit.policies.train import RandomBatches, train_module
+from labkit.policies.train import RandomBatches, log_loss, train_module
 
 STATE = "observation.state"
 
@@ -101,7 +101,7 @@ class RewardModel(L.LightningModule):
         else:
             loss = F.mse_loss(torch.sigmoid(out), batch["progress"])
         self.loss_history.append(loss.item())
-        self.log("train/loss", loss, prog_bar=True)
+        log_loss(self, loss)
         return loss
 
     def configure_optimizers(self):

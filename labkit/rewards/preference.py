@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from labkit.data import Normalizer
 from labkit.policies.nets import mlp
+from labkit.policies.train import log_loss
 from labkit.rewards.augment import Trajectory
 from labkit.rewards.classifier import STATE, fit_module
 
@@ -80,7 +81,7 @@ class PreferenceReward(L.LightningModule):
         rb = self.trajectory_return(batch["states_b"], batch["mask_b"])
         loss = bradley_terry_loss(ra, rb, batch["prefer_a"])
         self.loss_history.append(loss.item())
-        self.log("train/loss", loss, prog_bar=True)
+        log_loss(self, loss)
         return loss
 
     def configure_optimizers(self):

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from labkit.rl.critics import ACTIVATIONS
+from labkit.policies.nets import activation as activation_class
 
 
 def log1m_tanh_sq(u: torch.Tensor) -> torch.Tensor:
@@ -45,7 +45,7 @@ class TanhGaussianActor(nn.Module):
         super().__init__()
         layers, width = [], in_dim
         for h in hidden:
-            layers += [nn.Linear(width, h)] + ([nn.LayerNorm(h)] if layer_norm else []) + [ACTIVATIONS[activation]()]
+            layers += [nn.Linear(width, h)] + ([nn.LayerNorm(h)] if layer_norm else []) + [activation_class(activation)()]
             width = h
         self.trunk = nn.Sequential(*layers)
         self.mean = nn.Linear(width, action_dim)

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from labkit.policies import nets
+
 
 class EnsembleLinear(nn.Module):
     """E independent linear layers applied at once: [E, B, in] -> [E, B, out]."""
@@ -47,9 +49,6 @@ class EnsembleLayerNorm(nn.Module):
         return F.layer_norm(x, x.shape[-1:]) * self.weight + self.bias
 
 
-ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU, "silu": nn.SiLU, "mish": nn.Mish}
-
-
 class QEnsemble(nn.Module):
     """E critics Q_i(obs, action), each an MLP with LayerNorm: forward -> [E, B].
 
@@ -62,15 +61,14 @@ class QEnsemble(nn.Module):
         super().__init__()
         if ensemble < 1:
             raise ValueError(f"ensemble must be >= 1, got {ensemble}")
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+        act = nets.activation(activation)
         self.obs_dim, self.action_dim, self.ensemble = obs_dim, action_dim, ensemble
         layers, width = [], obs_dim + action_dim
         for h in hidden:
             layers.append(EnsembleLinear(ensemble, width, h))
             if layer_norm:
                 layers.append(EnsembleLayerNorm(ensemble, h))
-            layers.append(ACTIVATIONS[activation]())
+            layers.append(act())
             width = h
         layers.append(EnsembleLinear(ensemble, width, 1))
         self.net = nn.Sequential(*layers)
