@@ -26,6 +26,8 @@ SHIPPED = {
     "pusht_pixels": ("labkit/PushT-v0", {"obs_mode": "pixels"}, 50, 0),
     # The same expert, seen from the block: state and actions in the block's frame (lesson 02).
     "pusht_block": ("labkit/PushT-v0", {"frame": "block"}, 200, 0),
+    # ... and its actions as moves relative to the pusher, not points (lesson 02, configs/flow_pusht.yaml).
+    "pusht_block_rel": ("labkit/PushT-v0", {"frame": "block", "actions": "relative"}, 200, 0),
     # The imperfect expert's episodes, failures included (RECAP-style methods learn from both).
     "peg": ("labkit/PegInsert-v0", {}, 200, 0),
     "arm": ("labkit/ArmPickCube-v0", {}, 200, 0),  # the classroom arm's twin, teleop-style expert

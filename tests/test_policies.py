@@ -148,3 +148,18 @@ def test_policy_keeps_the_env_frame_its_data_was_recorded_in(tmp_path):
     with pytest.raises(ValueError, match="frame='world'"):
         rollout_kwargs(world, "labkit/PushT-v0", {"frame": "block"})
     assert rollout_kwargs(world, "labkit/Detour-v0", {"x": 1}) == {"x": 1}  # another task: untouched
+
+
+def test_policy_keeps_relative_actions(tmp_path):
+    """Relative actions are part of the interface too: a policy trained on them is rolled out with
+    them, and absolute actions are refused by name (a 2.5 cm move read as a point would go nowhere)."""
+    from labkit.policies.base import rollout_kwargs
+
+    kwargs = {"frame": "block", "actions": "relative"}
+    env = gym.make("labkit/PushT-v0", **kwargs)
+    root = record(env, labkit.envs.expert(env), tmp_path / "rel", episodes=1, env_kwargs=kwargs,
+                  progress=False, max_steps=10)
+    policy = BCPolicy.from_dataset(load_dataset(root), horizon=4, n_action_steps=2, hidden=32, layers=1)
+    assert rollout_kwargs(policy, "labkit/PushT-v0", {}) == kwargs
+    with pytest.raises(ValueError, match="actions='relative'.*actions='absolute'"):
+        rollout_kwargs(policy, "labkit/PushT-v0", {"actions": "absolute"})

@@ -122,22 +122,35 @@ def test_physics_options_and_bad_input():
         env.step(np.zeros(3, np.float32))
 
 
-def test_block_frame_is_the_same_task_seen_from_the_block():
-    """frame="block": observations and actions in the block's frame, the physics unchanged."""
-    world, block = gym.make("labkit/PushT-v0"), gym.make("labkit/PushT-v0", frame="block")
+INTERFACES = [{"frame": "block"}, {"actions": "relative"}, {"frame": "block", "actions": "relative"}]
+
+
+@pytest.mark.parametrize("kwargs", INTERFACES, ids=lambda k: "-".join(k.values()))
+def test_frames_and_relative_actions_are_the_same_task(kwargs):
+    """frame="block": observations and actions in the block's frame; actions="relative": the target
+    as a move from the pusher. Either way the physics is unchanged."""
+    world, block = gym.make("labkit/PushT-v0"), gym.make("labkit/PushT-v0", **kwargs)
     check_env(block.unwrapped, skip_render_check=True)
     expert = labkit.envs.expert(world)
     obs_w, _ = world.reset(seed=7)
     obs_b, _ = block.reset(seed=7)
     expert.reset(seed=7)
-    for _ in range(60):  # the world expert drives both; the block env gets its command converted
+    relative = kwargs.get("actions") == "relative"
+    for _ in range(60):  # the world expert drives both; the other env gets its command converted
         a = expert(obs_w)
-        pusher_local = block.unwrapped.to_env_frame(block.unwrapped.pusher_pos())
-        np.testing.assert_allclose(obs_b["state"][:2], pusher_local, atol=1e-6)
+        here = block.unwrapped.to_env_frame(block.unwrapped.pusher_pos())
+        if relative:  # staying put is the zero move; the expert never asks for more than 2.5 cm
+            np.testing.assert_allclose(here, 0, atol=1e-12)
+            assert np.linalg.norm(block.unwrapped.to_env_frame(a)) < 0.026
+        else:
+            np.testing.assert_allclose(obs_b["state"][:2], here, atol=1e-6)
         obs_w, *_ = world.step(a)
         obs_b, *_ = block.step(block.unwrapped.to_env_frame(a))
         np.testing.assert_allclose(block.unwrapped.block_pose(), world.unwrapped.block_pose(), atol=1e-5)
     assert np.linalg.norm(world.unwrapped.block_pose()[:2] - obs_w["state"][2:4]) < 1e-6
+    if kwargs.get("frame") != "block":
+        np.testing.assert_array_equal(obs_w["state"], obs_b["state"])  # relative actions: same observations
+        return
     assert not np.allclose(obs_w["state"], obs_b["state"])
 
     # At the target pose the target sits on the block: centre 0, angle 0, keypoints the T's own.
@@ -147,10 +160,13 @@ def test_block_frame_is_the_same_task_seen_from_the_block():
     np.testing.assert_allclose(state[6:].reshape(3, 2), KEYPOINTS, atol=1e-9)
     with pytest.raises(ValueError, match="frame"):
         gym.make("labkit/PushT-v0", frame="pusher")
+    with pytest.raises(ValueError, match="actions must be one of"):
+        gym.make("labkit/PushT-v0", actions="delta")
 
 
-def test_expert_acts_in_the_block_frame():
-    env = gym.make("labkit/PushT-v0", frame="block")
+@pytest.mark.parametrize("kwargs", INTERFACES[::2], ids=lambda k: "-".join(k.values()))
+def test_expert_acts_in_the_block_frame(kwargs):
+    env = gym.make("labkit/PushT-v0", **kwargs)
     expert = labkit.envs.expert(env)
     wins = 0
     for seed in range(5):

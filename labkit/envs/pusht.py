@@ -21,6 +21,12 @@ step it is applied). The physics is unchanged. A pushing strategy is the same wh
 and however it is turned, and in this frame it looks the same too: the scripted expert's law no longer
 has to be learnt once per block angle (lesson 02 measures what that is worth).
 
+`actions="relative"` gives the pusher target relative to the pusher's current position, in the
+env's frame (world or block axes), instead of as a point of that frame: the command becomes "move
+by (dx, dy)". The expert never commands more than 2.5 cm away from the pusher, so relative actions
+span +-2.5 cm where absolute ones span the workspace, and a policy's error in normalised units
+costs ~10x less in metres (lesson 02: from 56-71% to 95-99% success, at the same training budget).
+
 `info["coverage"]` is the fraction of the target T covered by the block; success is coverage >= 0.95.
 The dense reward is the coverage itself (in [0, 1]); the sparse reward is 1 on success.
 """
@@ -43,9 +49,10 @@ PUSHER_R = 0.015
 HALF_H = 0.01  # half-height of the block
 SUCCESS_COVERAGE = 0.95
 FRAMES = ("world", "block")
-# Bound on block-frame actions: wide enough for any workspace point seen from any block position
-# (the world-frame target is clipped to the workspace anyway).
-BLOCK_REACH = 1.0
+ACTIONS = ("absolute", "relative")
+# Bound on block-frame or relative actions: wide enough for any workspace point seen from any block
+# or pusher position (the world-frame target is clipped to the workspace anyway).
+REACH = 1.0
 
 
 def _box_geoms(name: str, rgba: str, z: float, hz: float, extra: str = "") -> str:
@@ -144,25 +151,33 @@ class PushTEnv(MujocoTask):
     state_dim = 12
     proprio_dim = 4
 
-    def __init__(self, *args, frame: str = "world", **kwargs):
+    def __init__(self, *args, frame: str = "world", actions: str = "absolute", **kwargs):
         if frame not in FRAMES:
             raise ValueError(f"frame must be one of {FRAMES}, got {frame!r}")
-        self.frame = frame
+        if actions not in ACTIONS:
+            raise ValueError(f"actions must be one of {ACTIONS}, got {actions!r}")
+        self.frame, self.actions = frame, actions
         super().__init__(*args, **kwargs)
         self._bq = self.model.joint("bx").qposadr[0]  # block qpos: x, y, z, angle
         self._pq = self.model.joint("px").qposadr[0]  # pusher qpos: x, y
         self._pv = self.model.joint("px").dofadr[0]
 
     def _action_space(self) -> spaces.Box:
-        if self.frame == "block":  # a target anywhere the workspace can be, seen from the block
-            return spaces.Box(-BLOCK_REACH, BLOCK_REACH, (2,), np.float32)
-        return spaces.Box(-WORKSPACE, WORKSPACE, (2,), np.float32)
+        if self.frame == "world" and self.actions == "absolute":
+            return spaces.Box(-WORKSPACE, WORKSPACE, (2,), np.float32)
+        # a target anywhere the workspace can be, seen from the block or the pusher
+        return spaces.Box(-REACH, REACH, (2,), np.float32)
+
+    def action_frame(self) -> np.ndarray:
+        """The pose (x, y, angle) whose frame actions are given in: the world's or the block's axes,
+        with the origin at the world's or block's origin, or at the pusher for relative actions."""
+        block = self.block_pose() if self.frame == "block" else np.zeros(3)
+        origin = self.pusher_pos() if self.actions == "relative" else block[:2]
+        return np.array([*origin, block[2]])
 
     def to_env_frame(self, target: np.ndarray) -> np.ndarray:
-        """A world-frame pusher target as this env's action (the block frame when frame="block")."""
-        if self.frame == "world":
-            return target
-        return to_local(self.block_pose(), np.asarray(target))
+        """A world-frame pusher target as this env's action (see `action_frame`)."""
+        return to_local(self.action_frame(), np.asarray(target))
 
     def block_pose(self) -> np.ndarray:
         """(x, y, angle) of the block, angle wrapped to (-pi, pi]."""
@@ -190,9 +205,7 @@ class PushTEnv(MujocoTask):
         self.data.ctrl[:] = pusher
 
     def _apply_action(self, action):
-        if self.frame == "block":
-            action = np.clip(to_world(self.block_pose(), action[None])[0], -WORKSPACE, WORKSPACE)
-        self.data.ctrl[:] = action
+        self.data.ctrl[:] = np.clip(to_world(self.action_frame(), action[None])[0], -WORKSPACE, WORKSPACE)
 
     def _state(self):
         pose = self.block_pose()

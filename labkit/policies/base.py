@@ -40,7 +40,7 @@ POLICY_CLASSES = {
 # Env options that change what the state and the action mean, with their defaults: a policy is rolled
 # out with the values it was trained with. (Physics options such as friction stay the caller's choice;
 # obs_mode only adds observations, and a pixel policy already fails clearly without pixels.)
-INTERFACE_KWARGS = {"frame": "world"}
+INTERFACE_KWARGS = {"frame": "world", "actions": "absolute"}
 
 
 def env_interface(env: dict | None) -> dict:
