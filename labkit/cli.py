@@ -79,24 +79,28 @@ def _write_card(root: Path, name, env_id, kwargs, episodes, seed, ds, minutes) -
 """)
 
 
-def demo(steps: int = 6000, episodes: int = 100) -> None:
-    """The main job: BC with action chunking on the shipped PushT data, evaluated and filmed."""
+def demo(steps: int = 5000, episodes: int = 100, out: Path = ROOT / "runs" / "demo") -> None:
+    """The main job: lesson 02's PushT flow recipe (`configs/flow_pusht.yaml`) on its shipped dataset,
+    for a shorter budget, evaluated and filmed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import yaml
 
     from labkit.data import load_dataset
     from labkit.eval import evaluate
-    from labkit.policies import BCPolicy, fit
+    from labkit.policies import FlowPolicy, fit
     from labkit.viz import learning_curve, save_video
 
-    out = ROOT / "runs" / "demo"
+    recipe = yaml.safe_load((ROOT / "configs" / "flow_pusht.yaml").read_text())
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    ds = load_dataset(DATASETS / "pusht", env_id="labkit/PushT-v0")
-    print(f"dataset: {ds.num_episodes} expert episodes, {len(ds)} frames")
-    policy = fit(BCPolicy.from_dataset(ds), ds, steps=steps)
+    ds = load_dataset(DATASETS / recipe["data"]["dataset"], env_id="labkit/PushT-v0")
+    print(f"dataset: {ds.num_episodes} expert episodes, {len(ds)} frames, env {ds.info['labkit']['env_kwargs']}")
+    policy = FlowPolicy.from_dataset(ds, **recipe["model"]["init_args"]["config"])
+    fit(policy, ds, steps=steps, batch_size=recipe["data"]["batch_size"])
     train_min = (time.perf_counter() - start) / 60
     policy.save(out / "policy.ckpt")
     res = evaluate(policy, "labkit/PushT-v0", episodes=episodes, seed=EVAL_SEED, videos=3)
@@ -104,12 +108,12 @@ def demo(steps: int = 6000, episodes: int = 100) -> None:
     fig, ax = plt.subplots(figsize=(5, 3))
     learning_curve(policy.losses(), ax, label="train loss")
     ax.set_yscale("log")
-    ax.set_title("BC on PushT")
+    ax.set_title("flow on PushT")
     fig.tight_layout()
     fig.savefig(out / "loss.png", dpi=120)
     lo, hi = res.interval
     total = (time.perf_counter() - start) / 60
-    print(f"\nBC (chunk {policy.config.horizon}/{policy.config.n_action_steps}) on labkit/PushT-v0: "
+    print(f"\nflow (chunk {policy.config.horizon}/{policy.config.n_action_steps}, {steps} steps) on labkit/PushT-v0: "
           f"success {res.success_rate:.0%} (95% CI {lo:.0%}-{hi:.0%}) over {res.episodes} episodes, "
           f"mean final coverage {res.mean_info('coverage'):.2f}")
     print(f"training {train_min:.1f} min, total {total:.1f} min; wrote {out}/rollout.mp4, loss.png, policy.ckpt")
@@ -128,7 +132,7 @@ def main(argv=None) -> int:
     sub.add_parser("fit", help="train a policy or an RL method from a YAML config (configs/, configs/rl/) "
                                "through LightningCLI (labkit fit --help)")
     d = sub.add_parser("demo", help="train and evaluate a PushT policy from the shipped dataset")
-    d.add_argument("--steps", type=int, default=6000)
+    d.add_argument("--steps", type=int, default=5000)
     d.add_argument("--episodes", type=int, default=100)
     g = sub.add_parser("datasets", help="regenerate the shipped datasets")
     g.add_argument("names", nargs="*", help=f"any of {', '.join(SHIPPED)} (default: all)")
