@@ -168,13 +168,16 @@ def test_policy_keeps_relative_actions(tmp_path):
 def test_demo_trains_the_configs_recipe(tmp_path, capsys):
     """`make demo` reads configs/flow_pusht.yaml: the policy it saves has the config's chunking and
     the dataset's interface (block frame, relative actions), and it writes its video and plot."""
-    from labkit.cli import demo
+    import yaml
+
+    from labkit.cli import ROOT, demo
     from labkit.policies.base import load_policy
 
+    recipe = yaml.safe_load((ROOT / "configs" / "flow_pusht.yaml").read_text())["model"]["init_args"]["config"]
     demo(steps=3, episodes=1, out=tmp_path)
     policy = load_policy(tmp_path / "policy.ckpt")
     assert type(policy).__name__ == "FlowPolicy"
-    assert (policy.config.horizon, policy.config.n_action_steps, policy.config.obs_horizon) == (4, 2, 4)
+    assert all(getattr(policy.config, k) == v for k, v in recipe.items()), (policy.config, recipe)
     assert policy.data_env["env_kwargs"] == {"frame": "block", "actions": "relative"}
     assert (tmp_path / "rollout.mp4").stat().st_size > 0 and (tmp_path / "loss.png").is_file()
     assert "success" in capsys.readouterr().out

@@ -158,7 +158,10 @@ def test_frames_and_relative_actions_are_the_same_task(kwargs):
     state = block.unwrapped._state()
     np.testing.assert_allclose(state[2:6], [0, 0, 1, 0], atol=1e-9)
     np.testing.assert_allclose(state[6:].reshape(3, 2), KEYPOINTS, atol=1e-9)
-    with pytest.raises(ValueError, match="frame"):
+
+
+def test_unknown_frame_or_actions_are_named_errors():
+    with pytest.raises(ValueError, match="frame must be one of"):
         gym.make("labkit/PushT-v0", frame="pusher")
     with pytest.raises(ValueError, match="actions must be one of"):
         gym.make("labkit/PushT-v0", actions="delta")

@@ -25,7 +25,7 @@ has to be learnt once per block angle (lesson 02 measures what that is worth).
 env's frame (world or block axes), instead of as a point of that frame: the command becomes "move
 by (dx, dy)". The expert never commands more than 2.5 cm away from the pusher, so relative actions
 span +-2.5 cm where absolute ones span the workspace, and a policy's error in normalised units
-costs ~10x less in metres (lesson 02: from 56-71% to 95-99% success, at the same training budget).
+costs ~10x less in metres (lesson 02: from 56-71% to 95.5-99.5% success, at the same training budget).
 
 `info["coverage"]` is the fraction of the target T covered by the block; success is coverage >= 0.95.
 The dense reward is the coverage itself (in [0, 1]); the sparse reward is 1 on success.
