@@ -83,7 +83,8 @@ def bench_envs(seconds: float) -> list[dict]:
 def bench_training(steps: int) -> list[dict]:
     from labkit.data import load_dataset
     from labkit.policies import BCPolicy, fit
-    from labkit.policies.train import RandomBatches, quiet_lightning, window_tensors
+    from labkit.policies.train import window_tensors
+    from labkit.training import RandomBatches, quiet_lightning
 
     quiet_lightning()
     ds = load_dataset(HERE.parent / "datasets" / "pusht")

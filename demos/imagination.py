@@ -17,7 +17,7 @@ def _():
 
     import labkit  # noqa: F401  (headless GL before mujoco)
     from labkit import world_models as W
-    from labkit.cli import DATASETS
+    from labkit.data import DATASETS
     from labkit.data import load_dataset
 
     return Circle, DATASETS, Figure, Rectangle, W, copy, gym, load_dataset, mo, np, torch

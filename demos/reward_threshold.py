@@ -12,7 +12,7 @@ def _():
 
     import labkit  # noqa: F401  (headless GL before mujoco)
     from labkit import rewards
-    from labkit.cli import DATASETS
+    from labkit.data import DATASETS
     from labkit.data import load_dataset
 
     return DATASETS, Figure, load_dataset, mo, np, rewards

@@ -15,24 +15,8 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-DATASETS = ROOT / "datasets"
+from labkit.data.shipped import DATASETS, EVAL_SEED, ROOT, SHIPPED  # noqa: F401  (ROOT: the demo's folder)
 
-# The shipped datasets: name -> (env id, env kwargs, episodes, seed). Seeds are disjoint from the
-# evaluation seeds the lessons use (1000 and up), so no policy is scored on its training states.
-SHIPPED = {
-    "detour": ("labkit/Detour-v0", {}, 200, 0),
-    "pusht": ("labkit/PushT-v0", {}, 200, 0),
-    "pusht_pixels": ("labkit/PushT-v0", {"obs_mode": "pixels"}, 50, 0),
-    # The same expert, seen from the block: state and actions in the block's frame (lesson 02).
-    "pusht_block": ("labkit/PushT-v0", {"frame": "block"}, 200, 0),
-    # ... and its actions as moves relative to the pusher, not points (lesson 02, configs/flow_pusht.yaml).
-    "pusht_block_rel": ("labkit/PushT-v0", {"frame": "block", "actions": "relative"}, 200, 0),
-    # The imperfect expert's episodes, failures included (RECAP-style methods learn from both).
-    "peg": ("labkit/PegInsert-v0", {}, 200, 0),
-    "arm": ("labkit/ArmPickCube-v0", {}, 200, 0),  # the classroom arm's twin, teleop-style expert
-}
-EVAL_SEED = 1000
 # `labkit train --policy NAME` -> class in labkit.policies
 POLICIES = {"bc": "BCPolicy", "diffusion": "DiffusionPolicy", "flow": "FlowPolicy", "postbc-flow": "PostBCFlowPolicy"}
 

@@ -29,24 +29,12 @@ import numpy as np
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
+from labkit.data.shipped import open_dataset
 from labkit.policies.base import Policy, dataset_env
-from labkit.policies.train import RandomBatches, quiet_lightning, window_tensors
+from labkit.policies.train import window_tensors
+from labkit.training import RandomBatches, quiet_lightning
 
 RUNS = Path("runs")
-
-
-def open_dataset(dataset: str):
-    """A shipped dataset by name (`detour`, `peg`, ...) or a dataset folder by path."""
-    from labkit.cli import DATASETS
-    from labkit.data import load_dataset
-
-    path = Path(dataset)
-    if not path.exists():
-        path = DATASETS / dataset
-    if not path.exists():
-        shipped = sorted(p.name for p in DATASETS.iterdir() if p.is_dir())
-        raise ValueError(f"dataset {dataset!r} is neither a folder nor a shipped dataset ({', '.join(shipped)})")
-    return load_dataset(path)
 
 
 class EpisodeData(L.LightningDataModule):

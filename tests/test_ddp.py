@@ -18,7 +18,7 @@ SCRIPT = textwrap.dedent('''
     import labkit
     import lightning as L
     import torch
-    from labkit.cli import DATASETS
+    from labkit.data import DATASETS
     from labkit.data import load_dataset
     from labkit.policies import BCPolicy, fit
 

@@ -10,7 +10,7 @@ import torch
 import labkit
 from labkit.policies import DiffusionPolicy, FlowPolicy, SampleResult, fit
 from labkit.policies.diffusion import ddim_timesteps
-from labkit.policies.nets import EMA
+from labkit.nn import EMA
 
 CLASSES = [DiffusionPolicy, FlowPolicy]
 TOY_SHAPES = {"observation.state": [1], "action": [2]}

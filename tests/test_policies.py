@@ -71,7 +71,7 @@ def test_lightning_checkpoint_loads_too(detour_ds, tmp_path):
     policy = BCPolicy.from_dataset(detour_ds, hidden=32, layers=1)
     trainer = L.Trainer(max_steps=3, logger=False, enable_progress_bar=False, enable_model_summary=False,
                         default_root_dir=tmp_path)
-    trainer.fit(policy, train_dataloaders=labkit.policies.train.RandomBatches(window_tensors(policy, detour_ds), 8, 3))
+    trainer.fit(policy, train_dataloaders=labkit.training.RandomBatches(window_tensors(policy, detour_ds), 8, 3))
     trainer.save_checkpoint(tmp_path / "l.ckpt")
     loaded = labkit.load_policy(tmp_path / "l.ckpt")
     obs = {"observation.state": torch.randn(2, 2, 6)}

@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from labkit.cli import DATASETS
+from labkit.data import DATASETS
 from labkit.cli import main as cli
 from labkit.data import load_dataset
 from labkit.policies import FlowPolicy, fit

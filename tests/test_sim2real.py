@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import labkit  # noqa: F401  (headless GL first)
-from labkit.cli import DATASETS
+from labkit.data import DATASETS
 from labkit.data import load_dataset
 from labkit.sim2real import ARM, TWIN, RobotEnv, cem, concat_episodes, identify, replay, trajectory_error
 

@@ -9,7 +9,7 @@ import torch
 
 import labkit  # noqa: F401
 import labkit.world_models as W
-from labkit.cli import DATASETS
+from labkit.data import DATASETS
 from labkit.data import load_dataset
 from labkit.eval import evaluate
 from labkit.world_models.planning import BestOfNPlanner, CEMPlanner, ValueFunction, score_chunks

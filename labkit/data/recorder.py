@@ -23,21 +23,7 @@ import pyarrow as pa
 
 from labkit.data import format as fmt
 from labkit.data.format import DatasetError
-
-
-def feature_key(obs_key: str, value: Any = None, camera: str = "top") -> str:
-    """The dataset feature an env observation is stored under: `pixels` -> `observation.images.top`,
-    another HxWx3 uint8 image `wrist` -> `observation.images.wrist`, `state` -> `observation.state`."""
-    if obs_key.startswith("observation."):
-        return obs_key
-    if obs_key == "pixels":
-        return f"observation.images.{camera}"
-    return f"observation.images.{obs_key}" if _is_image_array(value) else f"observation.{obs_key}"
-
-
-def _is_image_array(value: Any) -> bool:
-    arr = np.asarray(value) if value is not None else None
-    return arr is not None and arr.dtype == np.uint8 and arr.ndim == 3 and arr.shape[-1] == 3
+from labkit.data.keys import feature_key
 
 
 def _video_feature(h: int, w: int, fps: float) -> dict[str, Any]:

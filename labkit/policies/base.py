@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from labkit.data import Normalizer
-from labkit.policies.train import log_loss
+from labkit.training import log_loss
 
 # Env observation keys -> dataset feature names (LeRobot's naming).
 ENV_TO_DATA = {"state": "observation.state", "proprio": "observation.proprio", "pixels": "observation.images.top"}

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from labkit.policies.base import Policy, PolicyConfig
-from labkit.policies.nets import ObsEncoder, mlp
+from labkit.nn import ObsEncoder, mlp
 
 
 @dataclass

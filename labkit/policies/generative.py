@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from labkit.policies.base import Policy, PolicyConfig
-from labkit.policies.nets import EMA, ObsEncoder, activation, make_denoiser
+from labkit.nn import EMA, ObsEncoder, activation, make_denoiser
 
 
 @dataclass

@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from labkit.data import Normalizer
-from labkit.policies.nets import ConvEncoder, mlp
-from labkit.policies.train import RandomBatches, log_loss, train_module
+from labkit.nn import ConvEncoder, mlp
+from labkit.training import RandomBatches, log_loss, train_module
 
 STATE = "observation.state"
 

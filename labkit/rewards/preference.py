@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from labkit.data import Normalizer
-from labkit.policies.nets import mlp
-from labkit.policies.train import log_loss
+from labkit.nn import mlp
+from labkit.training import log_loss
 from labkit.rewards.augment import Trajectory
 from labkit.rewards.classifier import STATE, fit_module
 

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from labkit.policies.nets import mlp
+from labkit.nn import mlp
 from labkit.rl.best_of_n import critic_action, critic_obs
 
 PERTURBATIONS = ("noise", "shift", "mirror", "speed")

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from labkit.policies.nets import activation as activation_class
+from labkit.nn import activation as activation_class
 
 
 def log1m_tanh_sq(u: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from labkit.policies import nets
+from labkit import nn as nets
 
 
 class EnsembleLinear(nn.Module):

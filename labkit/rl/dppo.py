@@ -41,7 +41,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from labkit.policies.generative import GenerativePolicy
-from labkit.policies.nets import mlp
+from labkit.nn import mlp
 from labkit.rl.buffer import flatten_obs
 from labkit.rl.loop import ChunkRuntime, PolicyChunkEnv
 from labkit.rl.returns import chunk_discount

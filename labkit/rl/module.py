@@ -98,7 +98,7 @@ class RLModule(L.LightningModule):
             base = load_policy(checkpoint)
         self.automatic_optimization = False  # each method steps its own optimisers
 
-        from labkit.fit_cli import open_dataset
+        from labkit.data.shipped import open_dataset
 
         data = open_dataset(demos) if demos is not None else None
         module, name = target.split(":")

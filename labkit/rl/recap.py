@@ -52,7 +52,7 @@ from labkit.data.dataset import EpisodeDataset, compute_stats
 from labkit.eval import evaluate
 from labkit.policies.base import ENV_TO_DATA
 from labkit.policies.flow import FlowConfig, FlowPolicy
-from labkit.policies.nets import EMA, make_denoiser, mlp
+from labkit.nn import EMA, make_denoiser, mlp
 from labkit.policies.train import fit, window_tensors
 from labkit.rl.buffer import flatten_obs
 from labkit.rl.returns import nstep_returns

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from labkit.policies.nets import mlp
+from labkit.nn import mlp
 from labkit.rl.best_of_n import sample_chunks
 from labkit.rl.loop import ChunkRuntime
 
