@@ -1,6 +1,6 @@
 """Policies: LightningModules with the runtime contract robot code expects (see `base.Policy`)."""
 
-from labkit.policies.base import ENV_TO_DATA, Policy, PolicyConfig, load_policy
+from labkit.policies.base import Policy, PolicyConfig, load_policy
 from labkit.policies.bc import BCConfig, BCPolicy
 from labkit.policies.diffusion import DiffusionConfig, DiffusionPolicy
 from labkit.policies.flow import FlowConfig, FlowPolicy
@@ -8,7 +8,7 @@ from labkit.policies.generative import GenerativeConfig, GenerativePolicy, Sampl
 from labkit.policies.postbc import PostBCDiffusionPolicy, PostBCFlowPolicy
 from labkit.policies.train import fit
 
-__all__ = ["ENV_TO_DATA", "Policy", "PolicyConfig", "load_policy", "BCConfig", "BCPolicy", "DiffusionConfig",
+__all__ = ["Policy", "PolicyConfig", "load_policy", "BCConfig", "BCPolicy", "DiffusionConfig",
            "DiffusionPolicy", "FlowConfig", "FlowPolicy", "GenerativeConfig", "GenerativePolicy", "SampleResult",
            "PostBCDiffusionPolicy", "PostBCFlowPolicy",
            "fit"]

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,10 +20,9 @@ import numpy as np
 import torch
 
 from labkit.data import Normalizer
+from labkit.data.keys import env_key
+from labkit.policies.runtime import ChunkRuntime
 from labkit.training import log_loss
-
-# Env observation keys -> dataset feature names (LeRobot's naming).
-ENV_TO_DATA = {"state": "observation.state", "proprio": "observation.proprio", "pixels": "observation.images.top"}
 
 # Classes that `load_policy` may rebuild: an allowlist, so a checkpoint cannot name arbitrary code.
 POLICY_CLASSES = {
@@ -94,10 +92,11 @@ class PolicyConfig:
             raise ValueError(f"obs_horizon must be >= 1, got {self.obs_horizon}")
 
 
-class Policy(L.LightningModule):
+class Policy(ChunkRuntime, L.LightningModule):
     """Base class: normalisation, the runtime contract, optimiser and checkpointing."""
 
     config_class: type[PolicyConfig] = PolicyConfig
+    data_env: dict = {}  # set per policy in __init__ (a plain attribute here, where wrappers have a property)
 
     def __init__(self, config: PolicyConfig | dict, shapes: dict[str, list[int]], stats: dict[str, dict],
                  env: dict | None = None):
@@ -187,21 +186,20 @@ class Policy(L.LightningModule):
         """Training loss per step so far (for learning curves)."""
         return torch.stack(self.loss_history).cpu().numpy() if self.loss_history else np.zeros(0)
 
-    # ---- the runtime contract -----------------------------------------------------------------
+    # ---- the runtime contract (`reset` and `select_action` come from ChunkRuntime) -------------------
     @torch.no_grad()
     def predict_action_chunk(self, obs: dict[str, Any]) -> torch.Tensor:
         """Observation history batch {key: [B, obs_horizon, ...]} -> action chunk [B, H, A], physical units."""
         chunk = self.predict_normalized(self.normalize_obs(obs))
         return self.normalizer.unnormalize("action", chunk)
 
-    def reset(self) -> None:
-        """Forget the observation history and the queued actions (call at every episode start)."""
-        self._history: deque[dict[str, torch.Tensor]] = deque(maxlen=self.config.obs_horizon)
-        self._queue: torch.Tensor | None = None
+    @property
+    def base_policy(self) -> Policy:
+        return self
 
     @torch.no_grad()
     def select_action(self, obs: dict[str, np.ndarray]) -> np.ndarray:
-        """One env observation (or a batch of them) -> the next action [A] (or [B, A]).
+        """One env observation (or a batch of them) -> the next action [A] (or [B, A]), in eval mode.
 
         Observations use the env's keys (`state`, `proprio`, `pixels`). A new chunk is predicted
         when the queue is empty; the first call after `reset()` repeats the first observation to
@@ -209,33 +207,24 @@ class Policy(L.LightningModule):
         """
         was_training = self.training
         self.eval()
-        frame, single = self._env_obs_to_frame(obs)
-        if not self._history:
-            self._history.extend([frame] * self.config.obs_horizon)
-        else:
-            self._history.append(frame)
-        if self._queue is None or self._queue.shape[1] == 0:
-            batch = {k: torch.stack([h[k] for h in self._history], dim=1) for k in frame}
-            chunk = self.predict_action_chunk(batch)
-            self._queue = chunk[:, : self.config.n_action_steps]
-        action, self._queue = self._queue[:, 0], self._queue[:, 1:]
-        self.train(was_training)
-        action = action.cpu().numpy().astype(np.float32)
-        return action[0] if single else action
+        try:
+            return super().select_action(obs)
+        finally:
+            self.train(was_training)
 
-    def _env_obs_to_frame(self, obs: dict[str, np.ndarray]) -> tuple[dict[str, torch.Tensor], bool]:
+    def observation_frame(self, obs: dict[str, np.ndarray]) -> tuple[dict[str, torch.Tensor], bool]:
+        """One env observation or a batch (env keys) -> ({dataset key: [B, ...] tensor}, whether it was one)."""
         frame, single = {}, None
-        data_to_env = {v: k for k, v in ENV_TO_DATA.items()}
         for key in self.config.obs_keys:
-            env_key = data_to_env.get(key, key)
-            if env_key not in obs:
-                raise KeyError(f"policy needs observation {env_key!r} (dataset feature {key!r}); got {sorted(obs)}."
+            name = env_key(key)
+            if name not in obs:
+                raise KeyError(f"policy needs observation {name!r} (dataset feature {key!r}); got {sorted(obs)}."
                                " For pixels, make the env with obs_mode='pixels'.")
-            x = torch.as_tensor(np.asarray(obs[env_key]), device=self.device)
+            x = torch.as_tensor(np.asarray(obs[name]), device=self.device)
             expected = self.shapes[key]
             is_single = list(x.shape) == expected
             if not is_single and list(x.shape[1:]) != expected:
-                raise ValueError(f"observation {env_key!r} has shape {tuple(x.shape)}; expected {tuple(expected)}"
+                raise ValueError(f"observation {name!r} has shape {tuple(x.shape)}; expected {tuple(expected)}"
                                  f" or a batch [B, {', '.join(map(str, expected))}]")
             single = is_single if single is None else single
             frame[key] = x[None] if is_single else x

@@ -33,10 +33,10 @@ from gymnasium import spaces
 from labkit.rl.actor import TanhGaussianActor, Temperature
 from labkit.rl.buffer import ReplayBuffer, flatten_obs
 from labkit.rl.critics import QEnsemble, min_of_random_subset, polyak_update, target_copy
-from labkit.rl.loop import ENV_KEY, ChunkRuntime, OffPolicyAgent, PolicyChunkEnv, frozen
+from labkit.rl.loop import ChunkRuntime, OffPolicyAgent, PolicyChunkEnv, frozen
 from labkit.rl.returns import chunk_discount
 
-__all__ = ["DSRL", "DSRLConfig", "ENV_KEY", "NoiseSpaceEnv", "SteeredPolicy", "actor_input", "denoise"]
+__all__ = ["DSRL", "DSRLConfig", "NoiseSpaceEnv", "SteeredPolicy", "actor_input", "denoise"]
 
 
 # ---- the frozen base policy as a map (obs history, noise) -> chunk ------------------------------

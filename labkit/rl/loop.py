@@ -6,8 +6,7 @@
                     A method fills in `collect(random)`, `update()` and `eval_policy()`.
     PolicyChunkEnv  the task as a chunked policy sees it: observation = the policy's observation history,
                     action = a normalised action chunk, of which `n_action_steps` are executed.
-    ChunkRuntime    the `Policy` runtime contract (`reset`, batched `select_action` with an action queue)
-                    on top of a method's `predict_action_chunk`, so `labkit.eval.evaluate` can run it.
+(The runtime contract of wrappers around a base policy, ChunkRuntime, is `labkit.policies.runtime`'s.)
 
 The loop is RLPD's: one agent step, then `utd` updates on replayed batches. Episode i of training starts
 from `reset(seed=config.seed + i)`, so a run is reproducible; evaluation uses its own seeds
@@ -17,7 +16,6 @@ from `reset(seed=config.seed + i)`, so a run is reproducible; evaluation uses it
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections import deque
 
 import gymnasium as gym
 import numpy as np
@@ -25,9 +23,9 @@ import torch
 from gymnasium import spaces
 from tqdm.auto import tqdm
 
-# Dataset feature names -> env observation keys (inverse of labkit.policies.ENV_TO_DATA).
-ENV_KEY = {"observation.state": "state", "observation.proprio": "proprio", "observation.images.top": "pixels"}
-
+from labkit.data.keys import env_key
+from labkit.policies.runtime import ChunkRuntime, ObsHistory  # noqa: F401  (ChunkRuntime: the methods' import)
+from labkit.rl.wrappers import ChunkWrapper
 
 def frozen(policy):
     """The policy in eval mode with gradients off: a base that RL steers or corrects but never trains."""
@@ -185,98 +183,54 @@ class OffPolicyAgent(ABC):
         return history
 
 
-class PolicyChunkEnv(gym.Wrapper):
+class PolicyChunkEnv(ChunkWrapper):
     """The task seen through a chunked labkit policy: action = a normalised action chunk.
 
     Observation: the policy's observation history {dataset key: [obs_horizon, ...]} in physical units
     (the first frame repeated at reset, as `Policy.select_action` does). Action: a chunk [horizon * A]
     (flattened, in the policy's normalised action space) of which the first `n_action_steps` are
-    unnormalised and executed, stopping early at an episode's end (ChunkWrapper's semantics). Reward:
-    the executed steps' sum. info adds `is_success` (any executed step), `chunk_steps`, `chunk_rewards`,
-    `chunk` (the normalised chunk [H, A]) and `actions` (the executed physical actions).
+    unnormalised and executed as `ChunkWrapper` executes a chunk. info adds `chunk` (the normalised
+    chunk [H, A]) to ChunkWrapper's `is_success`, `chunk_steps`, `chunk_rewards` and `actions`.
     """
 
     def __init__(self, env: gym.Env, policy):
-        super().__init__(env)
-        self.policy = policy  # only its config and normaliser are used here
         c = policy.config
-        self.obs_keys, self.obs_horizon = list(c.obs_keys), c.obs_horizon
-        self.horizon, self.execute = c.horizon, c.n_action_steps
+        super().__init__(env, c.horizon, c.n_action_steps)
+        self.policy = policy  # only its config and normaliser are used here
+        self.obs_keys = list(c.obs_keys)
         self.chunk_dim = c.horizon * policy.action_dim
         self.action_space = spaces.Box(-1.0, 1.0, (self.chunk_dim,), np.float32)
         self.observation_space = spaces.Dict({
-            k: spaces.Box(-np.inf, np.inf, (self.obs_horizon, *policy.shapes[k]), np.float32) for k in self.obs_keys})
-        self._history: deque = deque(maxlen=self.obs_horizon)
+            k: spaces.Box(-np.inf, np.inf, (c.obs_horizon, *policy.shapes[k]), np.float32) for k in self.obs_keys})
+        self._history = ObsHistory(c.obs_horizon)
 
-    def _push(self, obs: dict) -> None:
-        missing = [ENV_KEY.get(k, k) for k in self.obs_keys if ENV_KEY.get(k, k) not in obs]
+    def env_actions(self, action) -> np.ndarray:
+        """The normalised chunk, unnormalised to physical actions [horizon, A]."""
+        chunk = torch.as_tensor(np.asarray(action, np.float32)).reshape(-1)
+        if chunk.numel() != self.chunk_dim:
+            raise ValueError(f"a chunk must have {self.chunk_dim} numbers (horizon * action_dim), got {chunk.numel()}")
+        self._normalised = chunk.view(self.horizon, -1)
+        return self.policy.normalizer.unnormalize("action", self._normalised).cpu().numpy().astype(np.float32)
+
+    def observed(self, obs: dict) -> None:
+        missing = [env_key(k) for k in self.obs_keys if env_key(k) not in obs]
         if missing:
             raise KeyError(f"the policy needs env observations {missing}; the env gives {sorted(obs)}")
-        self._history.append({k: np.asarray(obs[ENV_KEY.get(k, k)], np.float32) for k in self.obs_keys})
+        self._history.push({k: np.asarray(obs[env_key(k)], np.float32) for k in self.obs_keys})
 
-    def _obs(self) -> dict[str, np.ndarray]:
-        return {k: np.stack([h[k] for h in self._history]) for k in self.obs_keys}
+    def chunk_observation(self, obs: dict) -> dict[str, np.ndarray]:
+        return self._history.stacked(dim=0)
 
     def history(self) -> dict[str, torch.Tensor]:
         """The current observation history as a batch of one {key: [1, obs_horizon, ...]}."""
-        return {k: torch.as_tensor(v)[None] for k, v in self._obs().items()}
+        return {k: torch.as_tensor(v)[None] for k, v in self._history.stacked(dim=0).items()}
 
     def reset(self, **kwargs):
         obs, info = self.env.reset(**kwargs)
-        self._history.clear()
-        for _ in range(self.obs_horizon):
-            self._push(obs)
-        return self._obs(), info
+        self._history.reset()
+        self.observed(obs)
+        return self.chunk_observation(obs), info
 
-    def step(self, chunk):
-        chunk = torch.as_tensor(np.asarray(chunk, np.float32)).reshape(-1)
-        if chunk.numel() != self.chunk_dim:
-            raise ValueError(f"a chunk must have {self.chunk_dim} numbers (horizon * action_dim), got {chunk.numel()}")
-        chunk = chunk.view(self.horizon, -1)
-        actions = self.policy.normalizer.unnormalize("action", chunk).cpu().numpy().astype(np.float32)
-        rewards, executed, success = [], [], False
-        obs, terminated, truncated, info = None, False, False, {}
-        for a in actions[: self.execute]:
-            obs, r, terminated, truncated, info = self.env.step(a)
-            self._push(obs)
-            rewards.append(float(r))
-            executed.append(a)
-            success = success or bool(info.get("is_success", False))
-            if terminated or truncated:  # never step past an episode's end
-                break
-        info = {**info, "is_success": success, "chunk_steps": len(rewards), "chunk_rewards": np.array(rewards),
-                "chunk": chunk.cpu().numpy(), "actions": np.stack(executed)}
-        return self._obs(), float(np.sum(rewards)), terminated, truncated, info
-
-
-class ChunkRuntime:
-    """`reset()` and batched `select_action(obs)` with an observation history and an action queue, on
-    top of the subclass's `predict_action_chunk(history) -> [B, H, A]` (physical units): the runtime
-    contract of `labkit.policies.Policy`, for wrappers built on a base policy `self.policy`."""
-
-    policy = None  # the wrapped labkit policy: its config, normaliser and observation parsing
-
-    def reset(self) -> None:
-        self._history: deque = deque(maxlen=self.policy.config.obs_horizon)
-        self._queue: torch.Tensor | None = None
-
-    def predict_action_chunk(self, history: dict[str, torch.Tensor]) -> torch.Tensor:
-        raise NotImplementedError
-
-    @torch.no_grad()
-    def select_action(self, obs: dict[str, np.ndarray]) -> np.ndarray:
-        """One env observation (or a batch) -> the next action [A] (or [B, A]); a new chunk when the queue is empty."""
-        frame, single = self.policy._env_obs_to_frame(obs)
-        if not self._history:
-            self._history.extend([frame] * self.policy.config.obs_horizon)
-        else:
-            self._history.append(frame)
-        if self._queue is None or self._queue.shape[1] == 0:
-            batch = {k: torch.stack([h[k] for h in self._history], dim=1) for k in frame}
-            self._queue = self.predict_action_chunk(batch)[:, : self.policy.config.n_action_steps]
-        action, self._queue = self._queue[:, 0], self._queue[:, 1:]
-        action = action.cpu().numpy().astype(np.float32)
-        return action[0] if single else action
-
-    def __call__(self, obs):
-        return self.select_action(obs)
+    def step(self, action):
+        obs, reward, terminated, truncated, info = super().step(action)
+        return obs, reward, terminated, truncated, {**info, "chunk": self._normalised.cpu().numpy()}

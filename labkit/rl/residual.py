@@ -34,7 +34,8 @@ from torch import nn
 from labkit.rl.actor import TanhGaussianActor
 from labkit.rl.buffer import MixedSampler, ReplayBuffer, transition_fields
 from labkit.rl.critics import QEnsemble, min_of_random_subset, polyak_update, target_copy
-from labkit.rl.loop import ENV_KEY, ChunkRuntime, OffPolicyAgent, frozen
+from labkit.data.keys import env_key
+from labkit.rl.loop import ChunkRuntime, OffPolicyAgent, frozen
 from labkit.rl.returns import nstep_batch
 
 
@@ -155,7 +156,7 @@ def demo_transitions(policy, space: ResidualSpace, dataset, gamma: float, nstep:
     rows = dataset.episode_from[:, None] + steps
     runner, base = BaseRuntime(policy), []
     for t in range(T):  # the base's own queue, as it would run along each demo
-        obs = {ENV_KEY.get(k, k): dataset.frames[k][rows[:, t]] for k in policy.config.obs_keys}
+        obs = {env_key(k): dataset.frames[k][rows[:, t]] for k in policy.config.obs_keys}
         base.append(torch.as_tensor(runner.select_action(obs)).view(n_ep, -1))
     valid = torch.as_tensor(np.arange(T)[None] < lengths[:, None]).flatten()  # episode-major order
     base = torch.stack(base, 1).flatten(0, 1)[valid]  # [N, A] in the dataset's frame order
@@ -172,9 +173,10 @@ def demo_transitions(policy, space: ResidualSpace, dataset, gamma: float, nstep:
     return nstep_batch(traj, gamma, nstep)
 
 
-class ResidualPolicy:
+class ResidualPolicy(ChunkRuntime):
     """Base + deterministic residual, as a batched runtime policy (`reset`, `select_action`) for
-    `labkit.eval.evaluate` and for deployment. Acts per env step; has its own base action queue."""
+    `labkit.eval.evaluate` and for deployment. Acts per env step; has its own base action queue
+    (the base's runtime), and hands on the base's env interface."""
 
     def __init__(self, base, actor: TanhGaussianActor, space: ResidualSpace):
         self.base, self.actor, self.space = BaseRuntime(base), actor, space
@@ -186,14 +188,11 @@ class ResidualPolicy:
     @torch.no_grad()
     def select_action(self, obs: dict[str, np.ndarray]) -> np.ndarray:
         """One env observation (or a batch) -> a = clip(a_base + delta) in physical units, [A] (or [B, A])."""
-        frame, single = self.policy._env_obs_to_frame(obs)
+        frame, single = self.policy.observation_frame(obs)
         base = torch.as_tensor(self.base.select_action(obs)).reshape(-1, self.space.action_dim)
         delta, _ = self.actor(self.space.features(frame, base), deterministic=True)
         action = self.space.execute(base, delta).numpy().astype(np.float32)
         return action[0] if single else action
-
-    def __call__(self, obs):
-        return self.select_action(obs)
 
 
 class ResidualRL(OffPolicyAgent):
@@ -253,7 +252,7 @@ class ResidualRL(OffPolicyAgent):
     def _features(self, obs: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """(x [1, D + A], the physical base action [1, A]) at one env observation; advances the base's
         action queue by one step."""
-        frame, _ = self.policy._env_obs_to_frame(obs)
+        frame, _ = self.policy.observation_frame(obs)
         base = torch.as_tensor(self.base.select_action(obs)).view(1, -1)
         return self.space.features(frame, base), base
 

@@ -19,8 +19,8 @@ class ChunkWrapper(gym.Wrapper):
 
     step() returns (last obs, reward over the executed steps, terminated, truncated, info), with
     info = the last env step's info plus `is_success` (true if any executed step succeeded),
-    `chunk_steps` (env steps executed, <= execute) and `chunk_rewards` (their rewards, for a
-    discounted-within-chunk return). `reward="max"` reports the max instead of the sum (sparse tasks).
+    `chunk_steps` (env steps executed, <= execute), `chunk_rewards` (their rewards, for a
+    discounted-within-chunk return) and `actions` (the executed actions). `reward="max"` reports the max instead of the sum (sparse tasks).
     """
 
     def __init__(self, env: gym.Env, horizon: int, execute: int | None = None, reward: str = "sum"):
@@ -47,16 +47,31 @@ class ChunkWrapper(gym.Wrapper):
                              f"(flattened {expected}), got shape {a.shape}")
         return a.reshape(expected)
 
+    # Hooks for a wrapper that watches every executed step (PolicyChunkEnv keeps an observation history).
+    def observed(self, obs) -> None:
+        """Called with the observation after every executed env step."""
+
+    def chunk_observation(self, obs):
+        """The agent's observation after the chunk (default: the last env observation)."""
+        return obs
+
+    def env_actions(self, action) -> np.ndarray:
+        """The env actions [horizon, ...] a chunk action stands for (a subclass may decode it)."""
+        return self.chunk(action)
+
     def step(self, action):
-        chunk = self.chunk(action)
-        rewards, success = [], False
+        chunk = self.env_actions(action)
+        rewards, executed, success = [], [], False
         obs, terminated, truncated, info = None, False, False, {}
         for a in chunk[: self.execute]:
             obs, r, terminated, truncated, info = self.env.step(a)
+            self.observed(obs)
             rewards.append(float(r))
+            executed.append(a)
             success = success or bool(info.get("is_success", False))
             if terminated or truncated:  # never step past an episode's end
                 break
         total = float(np.max(rewards)) if self.reward_mode == "max" else float(np.sum(rewards))
-        info = {**info, "is_success": success, "chunk_steps": len(rewards), "chunk_rewards": np.array(rewards)}
-        return obs, total, terminated, truncated, info
+        info = {**info, "is_success": success, "chunk_steps": len(rewards), "chunk_rewards": np.array(rewards),
+                "actions": np.stack(executed)}
+        return self.chunk_observation(obs), total, terminated, truncated, info

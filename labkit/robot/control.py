@@ -18,7 +18,6 @@ Times come from an injectable clock (`FakeClock` in tests), and jitter is measur
 from __future__ import annotations
 
 import math
-from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -26,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from labkit.data.keys import env_key
+from labkit.policies.runtime import ObsHistory
 from labkit.robot.base import RealClock
 from labkit.robot.safety import SafetyConfig, SafetyLayer
 
@@ -41,12 +42,9 @@ class PolicyRunner:
     """
 
     def __init__(self, policy: Any):
-        from labkit.policies.base import ENV_TO_DATA
-
         self.policy = policy.eval() if hasattr(policy, "eval") else policy
         cfg = policy.config
-        data_to_env = {v: k for k, v in ENV_TO_DATA.items()}
-        self.keys = {data_to_env.get(k, k): k for k in cfg.obs_keys}  # env key -> dataset key
+        self.keys = {env_key(k): k for k in cfg.obs_keys}  # env key -> dataset key
         self.obs_horizon, self.horizon = int(cfg.obs_horizon), int(cfg.horizon)
         self.n_action_steps = int(cfg.n_action_steps)
         self.action_dim = int(policy.action_dim)
@@ -63,16 +61,14 @@ class PolicyRunner:
         """History as {env key: [obs_horizon, ...]}, padded at the start by repeating the oldest."""
         if isinstance(history, dict):
             return {k: np.asarray(history[k]) for k in self.keys}
-        hist = list(history)[-self.obs_horizon:]
-        if not hist:
+        history = list(history)
+        if not history:
             raise ValueError("predict_chunk needs at least one observation")
-        hist = [hist[0]] * (self.obs_horizon - len(hist)) + hist
-        out = {}
-        for k in self.keys:
-            if k not in hist[-1]:
-                raise KeyError(f"the policy needs observation {k!r}; got {sorted(hist[-1])}")
-            out[k] = np.stack([np.asarray(h[k], dtype=self.dtypes[k]) for h in hist])
-        return out
+        missing = [k for k in self.keys if k not in history[-1]]
+        if missing:
+            raise KeyError(f"the policy needs observation {missing[0]!r}; got {sorted(history[-1])}")
+        frames = [{k: np.asarray(h[k], dtype=self.dtypes[k]) for k in self.keys} for h in history]
+        return ObsHistory.of(frames, self.obs_horizon).stacked(dim=0)
 
     def predict_chunk(self, history: list[dict] | dict) -> np.ndarray:
         import torch
@@ -239,7 +235,7 @@ class ControlLoop:
             self.source.reset()
         self.blender.chunks = []
         self._stop_requested = False
-        history: deque = deque(maxlen=self.obs_horizon)
+        history = ObsHistory(self.obs_horizon)
         pool = ThreadPoolExecutor(1, thread_name_prefix="labkit-infer") if self.threaded else None
         pending: dict | None = None
         last_request: int | None = None
@@ -258,7 +254,7 @@ class ControlLoop:
                 if robot.estopped or self._stop_requested:
                     break
                 obs = robot.observe()
-                history.append(obs)
+                history.push(obs)
                 if self.step_fn is not None:
                     action = self.step_fn(obs)
                 else:
@@ -266,7 +262,7 @@ class ControlLoop:
                         self._collect(pending, k, inference)
                         pending = None
                     if pending is None and (last_request is None or k - last_request >= self.execute_steps):
-                        pending = self._request(pool, list(history), k)
+                        pending = self._request(pool, history.frames(), k)
                         last_request = k
                         if not self.blender.chunks or self.inference_delay == 0:
                             self._collect(pending, k, inference)  # the first chunk (nothing to run yet), or synchronous
