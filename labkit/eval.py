@@ -2,8 +2,10 @@
 
 Every number a notebook or the README reports comes from `evaluate`, with the episode count beside
 it. Episode i starts from `reset(seed=seed + i)`, so two policies evaluated with the same seed meet
-the same initial states. Envs are stepped in lockstep in one process and the policy is called once
-per step on the whole batch: on 2 cores that beats worker processes for MuJoCo state envs.
+the same initial states. `rollout` is the one engine under evaluate and every other caller that rolls
+a policy out (path plots, world-model and RL data collection). Envs are stepped in lockstep in one
+process and the policy is called once per step on the whole batch: on 2 cores that beats worker
+processes for MuJoCo state envs.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from dataclasses import dataclass, field
 import gymnasium as gym
 import numpy as np
 from tqdm.auto import tqdm
+
+from labkit.data.shipped import EVAL_SEED
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -67,107 +71,161 @@ class EvalResult:
         return self.summary()
 
 
+KEEP = ("obs", "actions", "rewards", "infos")  # what `rollout` can keep of every step
+
+
+@dataclass
+class Episode:
+    """One rolled-out episode: its seed and outcome, and the per-step records `rollout` was asked to keep."""
+
+    seed: int
+    success: bool  # the last step's info["is_success"]
+    ret: float  # the sum of rewards
+    length: int  # env steps taken
+    terminated: bool  # ended by the task (success or failure), not by its time limit
+    info: dict = field(repr=False)  # the last step's info
+    obs: dict[str, np.ndarray] | None = field(default=None, repr=False)  # {env key: [T+1, ...]}, reset obs first
+    actions: np.ndarray | None = field(default=None, repr=False)  # [T, A]
+    rewards: np.ndarray | None = field(default=None, repr=False)  # [T]
+    infos: list[dict] | None = field(default=None, repr=False)  # every step's info
+    frames: np.ndarray | None = field(default=None, repr=False)  # [T+1, H, W, 3], for the filmed episodes
+
+
 def _is_batched_policy(policy) -> bool:
-    # The runtime contract (labkit policies and RL wrappers such as a per-step residual): batched
-    # select_action + reset(). Plain callables and scripted experts run one env at a time.
+    # The runtime contract (labkit policies and the RL wrappers): batched select_action + reset().
+    # Plain callables and scripted experts run one env at a time.
     return hasattr(policy, "select_action") and hasattr(policy, "reset")
 
 
-def evaluate(policy, env_id: str, episodes: int = 50, seed: int = 0, env_kwargs: dict | None = None,
-             num_envs: int = 10, videos: int = 0, render_size: int = 256, progress: bool = True) -> EvalResult:
-    """Roll out `policy` for `episodes` seeded episodes of `env_id` and collect the outcome.
+def rollout(policy, env_id: str, seeds, env_kwargs: dict | None = None, num_envs: int = 10, keep=(),
+            videos: int = 0, render_size: int = 256, progress: bool | str = False) -> list[Episode]:
+    """Roll `policy` out for one episode per seed (`reset(seed=s)`) and return the episodes in seed order.
 
-    `policy` is a labkit `Policy` (called on a batch of envs at once), the string `"expert"` (the
-    task's scripted expert, one per env), or any callable `obs -> action` with an optional
-    `reset(seed=...)` (run one env at a time). `videos` records the first that many episodes.
-    Episodes end on success, on failure (e.g. a collision) or at the task's time limit.
+    The one rollout engine: evaluation, path plots, data collection for world models and RL all call it.
+    `policy` is a runtime policy (`reset()` + batched `select_action`, stepped over `num_envs` envs in
+    lockstep), the string `"expert"` (the task's scripted expert, one per env, reset with the episode's
+    seed) or a plain callable `obs -> action` with an optional `reset(seed=...)` (one env at a time).
+    `keep` names the per-step records to keep (KEEP); `videos` films the first that many episodes.
+
+    A policy is rolled out with the env interface it was trained with (wrappers hand on their base's):
+    asking for another one is a ValueError (see `labkit.policies.base.rollout_kwargs`). Torch's RNG is
+    forked and seeded with the first seed, so the same call gives the same episodes and leaves the
+    caller's random stream untouched.
     """
+    import torch
+
     import labkit.envs  # noqa: F401  (registers the tasks)
     from labkit.policies.base import rollout_kwargs
 
-    if episodes < 1:
-        raise ValueError(f"episodes must be >= 1, got {episodes}")
+    seeds = [int(s) for s in seeds]
+    unknown = set(keep) - set(KEEP)
+    if unknown:
+        raise ValueError(f"rollout can keep {KEEP}, not {sorted(unknown)}")
+    if not seeds:
+        raise ValueError("rollout needs at least one seed")
     env_kwargs = rollout_kwargs(policy, env_id, env_kwargs or {})
     batched = _is_batched_policy(policy)
-    if not batched and policy != "expert":
-        num_envs = 1
-    num_envs = max(1, min(num_envs, episodes))
+    num_envs = max(1, min(num_envs if batched or policy == "expert" else 1, len(seeds)))
     envs = [gym.make(env_id, render_mode="rgb_array" if videos else None, **env_kwargs) for _ in range(num_envs)]
     if videos:
         for e in envs:
             e.unwrapped.render_size = render_size
-    experts = [labkit.envs.expert(e) for e in envs] if policy == "expert" else None
-
-    success, returns, lengths, infos, clips = [], [], [], [], []
-    start = time.perf_counter()
-    bar = tqdm(total=episodes, desc=f"eval {env_id}", disable=not progress, leave=False)
-    for first in range(0, episodes, num_envs):
-        n = min(num_envs, episodes - first)
-        obs = [envs[j].reset(seed=seed + first + j)[0] for j in range(n)]
-        if batched:
-            policy.reset()
-        elif experts is not None:
-            for j in range(n):
-                experts[j].reset(seed=seed + first + j)
-        elif hasattr(policy, "reset"):
-            policy.reset(seed=seed + first)
-        done = np.zeros(n, bool)
-        ret, length = np.zeros(n), np.zeros(n, int)
-        last = [dict() for _ in range(n)]
-        frames = [[envs[j].render()] if first + j < videos else None for j in range(n)]
-        while not done.all():
-            if batched:
-                batch = {k: np.stack([o[k] for o in obs]) for k in obs[0]}
-                actions = policy.select_action(batch)
-            elif experts is not None:
-                actions = [experts[j](obs[j]) if not done[j] else None for j in range(n)]
-            else:
-                actions = [policy(obs[0])]
-            for j in np.flatnonzero(~done):
-                obs[j], r, term, trunc, info = envs[j].step(actions[j])
-                ret[j] += r
-                length[j] += 1
-                last[j] = info
-                done[j] = term or trunc
-                if frames[j] is not None:
-                    frames[j].append(envs[j].render())
-        for j in range(n):
-            success.append(bool(last[j].get("is_success", False)))
-            returns.append(ret[j])
-            lengths.append(length[j])
-            infos.append(last[j])
-            if frames[j] is not None:
-                clips.append(np.stack(frames[j]))
-        bar.update(n)
-        bar.set_postfix(success=f"{np.mean(success):.0%}")
-    bar.close()
-    for e in envs:
-        e.close()
-    return EvalResult(env_id, episodes, np.array(success), np.array(returns), np.array(lengths), infos, clips,
-                      time.perf_counter() - start)
-
-
-def rollout_states(policy, env_id: str, episodes: int, seed: int = 0, key: str = "state",
-                   env_kwargs: dict | None = None) -> list[np.ndarray]:
-    """The observation `key` at every step of `episodes` seeded rollouts of a labkit `Policy`, one
-    array [T+1, ...] per episode (the reset observation first): for plotting paths, which
-    `evaluate` does not keep."""
-    import labkit.envs  # noqa: F401  (registers the tasks)
-    from labkit.policies.base import rollout_kwargs
-
-    env = gym.make(env_id, **rollout_kwargs(policy, env_id, env_kwargs or {}))
-    out = []
-    for i in range(episodes):
-        obs, _ = env.reset(seed=seed + i)
-        policy.reset()
-        states, done = [obs[key]], False
-        while not done:
-            obs, _, term, trunc, _ = env.step(policy.select_action(obs))
-            states.append(obs[key])
-            done = term or trunc
-        out.append(np.stack(states))
-    env.close()
+    experts = [labkit.envs.expert(e) for e in envs] if isinstance(policy, str) and policy == "expert" else None
+    out: list[Episode] = []
+    bar = tqdm(total=len(seeds), desc=progress if isinstance(progress, str) else f"rollout {env_id}",
+               disable=not progress, leave=False)
+    try:
+        with torch.random.fork_rng():
+            torch.manual_seed(seeds[0])
+            for first in range(0, len(seeds), num_envs):
+                batch = seeds[first:first + num_envs]
+                out += _run_batch(policy, envs, experts, batch, batched, set(keep), videos - first)
+                bar.update(len(batch))
+                bar.set_postfix(success=f"{np.mean([e.success for e in out]):.0%}")
+    finally:
+        bar.close()
+        for e in envs:
+            e.close()
     return out
+
+
+def _run_batch(policy, envs, experts, seeds, batched: bool, keep: set, film: int) -> list[Episode]:
+    """One episode per seed, the envs stepped in lockstep (the policy called once per step on the batch)."""
+    n = len(seeds)
+    obs = [envs[j].reset(seed=s)[0] for j, s in enumerate(seeds)]
+    if batched:
+        policy.reset()
+    elif experts is not None:
+        for j, s in enumerate(seeds):
+            experts[j].reset(seed=s)
+    elif hasattr(policy, "reset"):
+        policy.reset(seed=seeds[0])
+    done, term_, ret, length = np.zeros(n, bool), np.zeros(n, bool), np.zeros(n), np.zeros(n, int)
+    last: list[dict] = [{} for _ in range(n)]
+    seen = [[o] if "obs" in keep else None for o in obs]
+    acts: list[list] = [[] for _ in range(n)]
+    rews: list[list] = [[] for _ in range(n)]
+    infos: list[list] = [[] for _ in range(n)]
+    frames = [[envs[j].render()] if j < film else None for j in range(n)]
+    while not done.all():
+        if batched:
+            actions = policy.select_action({k: np.stack([o[k] for o in obs]) for k in obs[0]})
+        elif experts is not None:
+            actions = [experts[j](obs[j]) if not done[j] else None for j in range(n)]
+        else:
+            actions = [policy(obs[0])]
+        for j in np.flatnonzero(~done):
+            obs[j], r, term, trunc, info = envs[j].step(actions[j])
+            ret[j] += r
+            length[j] += 1
+            last[j] = info
+            done[j], term_[j] = term or trunc, term
+            if seen[j] is not None:
+                seen[j].append(obs[j])
+            if "actions" in keep:
+                acts[j].append(np.asarray(actions[j], np.float32))
+            if "rewards" in keep:
+                rews[j].append(float(r))
+            if "infos" in keep:
+                infos[j].append(info)
+            if frames[j] is not None:
+                frames[j].append(envs[j].render())
+    return [Episode(
+        seed, bool(last[j].get("is_success", False)), float(ret[j]), int(length[j]), bool(term_[j]), last[j],
+        obs={k: np.stack([o[k] for o in seen[j]]) for k in seen[j][0]} if seen[j] is not None else None,
+        actions=np.stack(acts[j]) if "actions" in keep else None,
+        rewards=np.asarray(rews[j]) if "rewards" in keep else None,
+        infos=infos[j] if "infos" in keep else None,
+        frames=np.stack(frames[j]) if frames[j] is not None else None,
+    ) for j, seed in enumerate(seeds)]
+
+
+def evaluate(policy, env_id: str, episodes: int = 50, seed: int = EVAL_SEED, env_kwargs: dict | None = None,
+             num_envs: int = 10, videos: int = 0, render_size: int = 256, progress: bool = True) -> EvalResult:
+    """Roll out `policy` for `episodes` seeded episodes of `env_id` and collect the outcome.
+
+    Episode i starts from `reset(seed=seed + i)`; the default seeds are the evaluation seeds
+    (EVAL_SEED and up), never the shipped datasets' recording seeds. Torch is seeded too (see
+    `rollout`), so the same policy and seed give the same number twice. `policy` is anything `rollout`
+    runs; `videos` records the first that many episodes. Episodes end on success, on failure (e.g. a
+    collision) or at the task's time limit.
+    """
+    if episodes < 1:
+        raise ValueError(f"episodes must be >= 1, got {episodes}")
+    start = time.perf_counter()
+    eps = rollout(policy, env_id, range(seed, seed + episodes), env_kwargs, num_envs, videos=videos,
+                  render_size=render_size, progress=f"eval {env_id}" if progress else False)
+    return EvalResult(env_id, episodes, np.array([e.success for e in eps]), np.array([e.ret for e in eps]),
+                      np.array([e.length for e in eps]), [e.info for e in eps],
+                      [e.frames for e in eps if e.frames is not None], time.perf_counter() - start)
+
+
+def rollout_states(policy, env_id: str, episodes: int, seed: int = EVAL_SEED, key: str = "state",
+                   env_kwargs: dict | None = None) -> list[np.ndarray]:
+    """The observation `key` at every step of `episodes` seeded rollouts, one array [T+1, ...] per
+    episode (the reset observation first): for plotting paths, which `evaluate` does not keep."""
+    eps = rollout(policy, env_id, range(seed, seed + episodes), env_kwargs, keep=("obs",))
+    return [e.obs[key] for e in eps]
 
 
 # --- Does a cheap evaluation rank policies like the real one? (PolaRiS / SIMPLER metrics) ---------

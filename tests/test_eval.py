@@ -44,8 +44,8 @@ def test_rollout_states_follow_the_policy_and_seed():
         def reset(self):
             pass
 
-        def select_action(self, obs):
-            return np.array([0.0, 0.5], dtype=np.float32)
+        def select_action(self, obs):  # a batch of observations -> a batch of actions
+            return np.tile(np.array([0.0, 0.5], dtype=np.float32), (len(obs["state"]), 1))
 
     a = rollout_states(StraightUp(), "labkit/Detour-v0", episodes=2, seed=5)
     b = rollout_states(StraightUp(), "labkit/Detour-v0", episodes=2, seed=5)
@@ -72,3 +72,57 @@ def test_ranking_metrics_by_hand():
         pearson([1, 2], [1, 2, 3])
     with pytest.raises(ValueError, match="finite"):
         mmrv([0.1, float("nan")], [1, 2])
+
+
+def _block_frame_flow():
+    """An untrained flow policy built from the block-frame PushT data: it remembers that env interface."""
+    import torch
+
+    from labkit.data import DATASETS, load_dataset
+    from labkit.policies import FlowPolicy
+
+    torch.manual_seed(0)
+    ds = load_dataset(DATASETS / "pusht_block_rel").select([0, 1])
+    return FlowPolicy.from_dataset(ds, horizon=4, n_action_steps=2, hidden=32, layers=2, steps=2)
+
+
+def test_the_env_interface_check_fires_through_rl_runtimes():
+    # A wrapper around a base policy (DSRL's steered policy, best-of-N, the residual's base runtime) is
+    # rolled out in its base's interface: asking for another frame is a named error, not a silent ~0%.
+    from labkit.rl.actor import TanhGaussianActor
+    from labkit.rl.critics import QEnsemble
+    from labkit.rl.dsrl import SteeredPolicy
+    from labkit.rl.residual import BaseRuntime
+
+    policy = _block_frame_flow()
+    x_dim = policy.config.obs_horizon * policy.shapes["observation.state"][0]
+    wrappers = [SteeredPolicy(policy, TanhGaussianActor(x_dim, policy.config.horizon * policy.action_dim, (16,))),
+                BaseRuntime(policy),
+                __import__("labkit.rl.best_of_n", fromlist=["BestOfN"]).BestOfN(
+                    policy, QEnsemble(x_dim, policy.config.n_action_steps * policy.action_dim, (16,)), n=2)]
+    for runtime in wrappers:
+        assert runtime.data_env == policy.data_env and policy.data_env["env_kwargs"]["frame"] == "block"
+        with pytest.raises(ValueError, match="frame='block'.*frame='world'"):
+            evaluate(runtime, "labkit/PushT-v0", episodes=1, env_kwargs={"frame": "world"}, progress=False)
+    # Without a conflicting request the wrapper runs in the block frame with relative actions.
+    result = evaluate(wrappers[1], "labkit/PushT-v0", episodes=1, progress=False)
+    assert result.episodes == 1
+
+
+def test_evaluate_is_seeded_and_leaves_the_callers_rng_alone():
+    import torch
+
+    from labkit.data import EVAL_SEED
+
+    policy = _block_frame_flow()  # untrained: its actions are mostly its sampling noise
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    a = evaluate(policy, "labkit/PushT-v0", episodes=2, num_envs=2, progress=False)
+    assert torch.equal(torch.get_rng_state(), state)  # the caller's stream is untouched
+    b = evaluate(policy, "labkit/PushT-v0", episodes=2, num_envs=2, seed=EVAL_SEED, progress=False)
+    def coverage(r):
+        return [i["coverage"] for i in r.final_info]
+
+    assert coverage(a) == coverage(b)  # the default seeds are the evaluation seeds, and torch is seeded
+    c = evaluate(policy, "labkit/PushT-v0", episodes=2, num_envs=2, seed=EVAL_SEED + 1, progress=False)
+    assert coverage(c) != coverage(a)

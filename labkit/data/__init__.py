@@ -10,8 +10,8 @@ Data recorded with LeRobot on a real arm loads here, and data recorded here load
 
 from labkit.data.dataset import EpisodeDataset, check_compatible, load_dataset
 from labkit.data.format import DatasetError
-from labkit.data.normalize import Normalizer
 from labkit.data.keys import env_key, feature_key
+from labkit.data.normalize import Normalizer
 from labkit.data.recorder import Recorder, record
 from labkit.data.shipped import DATASETS, EVAL_SEED, SHIPPED, open_dataset
 

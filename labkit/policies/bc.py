@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from labkit.policies.base import Policy, PolicyConfig
 from labkit.nn import ObsEncoder, mlp
+from labkit.policies.base import Policy, PolicyConfig
 
 
 @dataclass

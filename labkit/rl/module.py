@@ -176,12 +176,10 @@ class RLModule(L.LightningModule):
         from labkit.eval import evaluate
 
         h = self.hparams
-        # Seeded, on a forked RNG: every evaluation of a policy draws the same sampling noise, and training
-        # draws the same numbers however often it is evaluated.
-        with torch.random.fork_rng():
-            torch.manual_seed(h.eval_seed)
-            result = evaluate(self.agent.eval_policy(), h.env_id, h.eval_episodes, h.eval_seed,
-                              env_kwargs=h.env_kwargs, progress=False)
+        # evaluate seeds torch on a forked RNG: every evaluation of a policy draws the same sampling noise,
+        # and training draws the same numbers however often it is evaluated.
+        result = evaluate(self.agent.eval_policy(), h.env_id, h.eval_episodes, h.eval_seed,
+                          env_kwargs=h.env_kwargs, progress=False)
         lo, hi = result.interval
         log({"eval/success": result.success_rate, "eval/return": float(result.returns.mean()),
              "eval/env_steps": float(self.agent.env_steps)})
