@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
 # On CPU, PyTorch's Mish is slow: at width 256 it took 8x SiLU's time forward, and Mish forward and
 # backward were a quarter of a flow policy's training step (measured, one thread; benchmarks/README.md).
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU, "silu": nn.SiLU, "mish": nn.Mish}

@@ -1,4 +1,5 @@
-"""Tests of DPPO (labkit.rl.dppo): chain log-probs, PPO pieces against hand computations, a short training run."""
+"""Tests of DPPO (labkit.rl.dppo): the chain and its log-probs as DPPO samples them (GenerativePolicy.sample /
+log_prob with a frozen prefix, std floor, noise clip), PPO pieces against hand computations, a short training run."""
 
 import math
 
@@ -10,17 +11,8 @@ import labkit  # noqa: F401  (before anything imports mujoco: picks the GL backe
 import labkit.cli
 from labkit.data import load_dataset
 from labkit.policies import DiffusionPolicy, FlowPolicy, fit
-from labkit.rl.dppo import (
-    DPPO,
-    DPPOConfig,
-    chain_log_probs,
-    clip_schedule,
-    denoising_discount,
-    gae,
-    ppo_loss,
-    reduce_log_probs,
-    sample_chain,
-)
+from labkit.rl.dppo import DPPO, DPPOConfig, clip_schedule, denoising_discount, ppo_loss, reduce_log_probs
+from labkit.rl.returns import gae
 
 ENV = "labkit/Detour-v0"
 SMALL = dict(horizon=8, n_action_steps=4, obs_horizon=2, hidden=64, layers=2, steps=5)
@@ -60,14 +52,20 @@ def normal_log_density(x, mean, std):
     return -((x - mean) ** 2) / (2 * std**2) - math.log(std) - 0.5 * math.log(2 * math.pi)
 
 
-# ---- log-probs of the stored chain ------------------------------------------------------------------
+# ---- the chain DPPO samples, and its log-probs -------------------------------------------------------
+
+def dppo_chain(policy, obs, K, ft_steps, frozen=None, min_std=0.1, noise_clip=3.0, stochastic=True):
+    """The chain as DPPO draws it: the live net on the last ft_steps steps, per-dim log-probs."""
+    return policy.sample(obs, steps=K, stochastic=stochastic, net=policy.net(use_ema=False), frozen=frozen,
+                         ft_steps=ft_steps, min_std=min_std, noise_clip=noise_clip, per_dim=True)
+
 
 def test_flow_chain_log_probs_equal_a_direct_gaussian(flow_policy):
     policy, K, sigma = flow_policy, 5, flow_policy.config.noise_scale
     obs = obs_batch(policy)
     torch.manual_seed(1)
     with torch.no_grad():
-        chain = sample_chain(policy, obs, K, K, min_std=0.1)
+        chain = dppo_chain(policy, obs, K, K)
     assert chain.latents.shape == (6, K + 1, 8, 2) and chain.log_probs.shape == (6, K, 8, 2)
     assert torch.equal(chain.actions, chain.latents[:, -1])
     # By hand: Euler-Maruyama step i is N(x + v(x, i/K) / K, (sigma sqrt(1/K))^2), above the 0.1 floor here.
@@ -86,26 +84,81 @@ def test_flow_chain_log_probs_equal_a_direct_gaussian(flow_policy):
     torch.testing.assert_close(chain.log_probs.sum((-1, -2)), policy.log_prob(obs, chain.latents, use_ema=False),
                                atol=1e-4, rtol=1e-5)
     with torch.no_grad():
-        torch.testing.assert_close(chain_log_probs(policy, net, obs, chain.latents, K, 0.1), chain.log_probs)
+        torch.testing.assert_close(policy.log_prob(obs, chain.latents, net=net, steps=K, min_std=0.1, per_dim=True),
+                                   chain.log_probs)
+
+
+def test_log_prob_is_the_floored_clipped_step_gaussian_by_hand(flow_policy):
+    """The sampler and log_prob written out: a frozen prefix, then live steps whose std is
+    max(sigma sqrt(1/K), min_std), whose standard-normal draw is clipped, and whose log-density is
+    the per-dim Gaussian at step_distribution's mean with the floored std."""
+    policy, K, ft, min_std, clip = flow_policy, 5, 3, 0.2, 0.5
+    obs = obs_batch(policy, n=5, seed=3)
+    live, frozen = policy.net(use_ema=False), policy.net(use_ema=True)
+    assert any(not torch.equal(p, q) for p, q in zip(live.parameters(), frozen.parameters(), strict=True))  # EMA != live
+    sigma_step = policy.config.noise_scale * math.sqrt(1 / K)
+    assert sigma_step < min_std  # the floor bites
+    feat = obs["observation.state"].flatten(1)
+    torch.manual_seed(4)
+    with torch.no_grad():
+        chain = dppo_chain(policy, obs, K, ft, frozen=frozen, min_std=min_std, noise_clip=clip)
+        # The same draws by hand: z_0, then one clipped standard normal per step.
+        torch.manual_seed(4)
+        x = torch.randn(5, 8, 2)
+        latents, want_lp = [], []
+        for i in range(K):
+            net = frozen if i < K - ft else live
+            if i == K - ft:
+                latents.append(x)
+            mean = x + net["denoiser"](x, torch.full((5,), i / K), feat) / K
+            m2, s2 = policy.step_distribution(net, feat, x, i, K, stochastic=True)
+            torch.testing.assert_close(m2, mean)
+            assert s2 == pytest.approx(sigma_step)
+            z = torch.randn(5, 8, 2).clamp(-clip, clip)
+            x = mean + min_std * z
+            if i >= K - ft:
+                latents.append(x)
+                want_lp.append(normal_log_density(x, mean, min_std))
+                # The clip binds: some draws sit exactly on the bound, none beyond it.
+                dev = (x - mean) / min_std
+                assert dev.abs().max() <= clip + 1e-5 and (dev.abs() > clip - 1e-4).any()
+        torch.testing.assert_close(chain.latents, torch.stack(latents, 1))
+        torch.testing.assert_close(chain.log_probs, torch.stack(want_lp, 1), atol=1e-5, rtol=1e-5)
+        # Rescoring the stored last K' steps (step indices K-K' ... K-1 of K) gives the same numbers,
+        # per dim and summed; without the floor the density is that of the narrower std.
+        lp = policy.log_prob(obs, chain.latents, net=live, steps=K, min_std=min_std, per_dim=True)
+        torch.testing.assert_close(lp, chain.log_probs)
+        torch.testing.assert_close(policy.log_prob(obs, chain.latents, net=live, steps=K, min_std=min_std),
+                                   lp.sum((-1, -2)))
+        unfloored = policy.log_prob(obs, chain.latents, net=live, steps=K, per_dim=True)
+        mean = chain.latents[:, 0] + live["denoiser"](chain.latents[:, 0], torch.full((5,), (K - ft) / K), feat) / K
+        torch.testing.assert_close(unfloored[:, 0], normal_log_density(chain.latents[:, 1], mean, sigma_step),
+                                   atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="steps"):
+        policy.log_prob(obs, chain.latents, steps=2)
 
 
 def test_std_floor_and_frozen_prefix_on_diffusion(diffusion_policy):
     policy, K = diffusion_policy, 5
     obs = obs_batch(policy, n=4)
     torch.manual_seed(2)
+    live = policy.net(use_ema=False)
     with torch.no_grad():  # only the last 2 steps are finetuned; the std floor is raised to 0.3
-        chain = sample_chain(policy, obs, K, 2, frozen=policy.net(use_ema=True), min_std=0.3)
-        lp = chain_log_probs(policy, policy.net(use_ema=False), obs, chain.latents, K, min_std=0.3)
+        chain = dppo_chain(policy, obs, K, 2, frozen=policy.net(use_ema=True), min_std=0.3)
+        lp = policy.log_prob(obs, chain.latents, net=live, steps=K, min_std=0.3, per_dim=True)
     assert chain.latents.shape == (4, 3, 8, 2) and chain.log_probs.shape == (4, 2, 8, 2)
     torch.testing.assert_close(lp, chain.log_probs)
     # DDIM's last step (to the clean chunk) has posterior std 0, so its std is exactly the floor.
-    live = policy.net(use_ema=False)
     with torch.no_grad():
         mean, s = policy.step_distribution(live, live["encoder"](obs), chain.latents[:, 1], K - 1, K, stochastic=True)
     assert float(s) == pytest.approx(policy.config.min_std)  # the policy's own floor, 0.1 < 0.3
     torch.testing.assert_close(chain.log_probs[:, 1], normal_log_density(chain.latents[:, 2], mean, 0.3))
     # Every per-dim density is at most that of a Gaussian with the floor std at its mean.
     assert chain.log_probs.max() <= -math.log(0.3) - 0.5 * math.log(2 * math.pi) + 1e-5
+    # Deterministic: the same prefix structure, no log-probs.
+    with torch.no_grad():
+        det = dppo_chain(policy, obs, K, 2, frozen=policy.net(use_ema=True), stochastic=False)
+    assert det.log_probs is None and det.latents.shape == (4, 3, 8, 2)
 
 
 def test_reduce_log_probs_clamps_then_averages_executed_dims():

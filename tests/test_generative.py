@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import labkit
+from labkit.nn import EMA
 from labkit.policies import DiffusionPolicy, FlowPolicy, SampleResult, fit
 from labkit.policies.diffusion import ddim_timesteps
-from labkit.nn import EMA
 
 CLASSES = [DiffusionPolicy, FlowPolicy]
 TOY_SHAPES = {"observation.state": [1], "action": [2]}
@@ -119,6 +119,49 @@ def test_stochastic_log_probs_match_direct_computation(cls):
     torch.testing.assert_close(rescored, out.log_probs)
     rescored.sum().backward()
     assert all(p.grad is not None for p in policy.model["denoiser"].parameters())
+
+
+@pytest.mark.parametrize("cls", CLASSES)
+def test_sampler_options_for_policy_gradients(cls):
+    """DPPO's options of sample/log_prob: per-dim log-probs sum to the plain ones; ft_steps keeps the
+    chain's tail (with a frozen prefix net, the tail's start changes); the std floor and noise clip act
+    on stochastic steps only."""
+    torch.manual_seed(2)
+    policy = toy_policy(cls).eval()
+    obs = policy.normalize_obs(toy_obs(3))
+    noise = torch.randn(3, 4, 2)
+    with torch.no_grad():
+        torch.manual_seed(3)
+        plain = policy.sample(obs, noise=noise, steps=4, stochastic=True)
+        torch.manual_seed(3)
+        per_dim = policy.sample(obs, noise=noise, steps=4, stochastic=True, ft_steps=4, per_dim=True)
+        assert torch.equal(per_dim.latents, plain.latents) and per_dim.log_probs.shape == (3, 4, 4, 2)
+        torch.testing.assert_close(per_dim.log_probs.sum((-1, -2)), plain.log_probs)
+        torch.testing.assert_close(policy.log_prob(obs, plain.latents, per_dim=True), per_dim.log_probs)
+        torch.manual_seed(3)
+        tail = policy.sample(obs, noise=noise, steps=4, stochastic=True, ft_steps=2)
+        assert torch.equal(tail.latents, plain.latents[:, 2:]) and torch.equal(tail.log_probs, plain.log_probs[:, 2:])
+        torch.testing.assert_close(policy.log_prob(obs, tail.latents, steps=4), tail.log_probs)
+        other = toy_policy(cls).eval().net()  # a different frozen net changes the prefix, not the shapes
+        torch.manual_seed(3)
+        moved = policy.sample(obs, noise=noise, steps=4, stochastic=True, ft_steps=2, frozen=other)
+        assert moved.latents.shape == tail.latents.shape and not torch.allclose(moved.latents[:, 0], tail.latents[:, 0])
+        # Deterministic sampling ignores the floor and the clip; a huge floor makes the std the floor.
+        det = policy.sample(obs, noise=noise, steps=4)
+        assert torch.equal(policy.sample(obs, noise=noise, steps=4, min_std=5.0, noise_clip=0.1).actions, det.actions)
+        net, feat = policy.net(), policy.net()["encoder"](obs)
+        mean, std = policy.step_gaussian(net, feat, noise, 0, 4, stochastic=True, min_std=5.0)
+        assert float(std) == 5.0
+        mean0, std0 = policy.step_gaussian(net, feat, noise, 0, 4, stochastic=True)
+        assert torch.equal(mean, mean0) and float(std0) < 5.0
+        torch.manual_seed(3)
+        clipped = policy.sample(obs, noise=noise, steps=1, stochastic=True, min_std=5.0, noise_clip=0.1)
+        mean1, _ = policy.step_gaussian(net, feat, noise, 0, 1, stochastic=True, min_std=5.0)
+        dev = ((clipped.actions - mean1) / 5.0).abs()
+        assert dev.max() <= 0.1 + 1e-5 and (dev > 0.1 - 1e-4).float().mean() > 0.5  # P(|z| > 0.1) = 0.92
+    for bad in (0, 5):
+        with pytest.raises(ValueError, match="ft_steps"):
+            policy.sample(obs, steps=4, ft_steps=bad)
 
 
 def test_ema_decay_schedule_and_update():

@@ -6,7 +6,9 @@ A method (diffusion.py, flow.py) provides two things: `loss(obs, action, is_pad)
 step i from latent z_i to z_{i+1}, in sampling order: z_0 is the noise (diffusion's x_T, flow's
 x at t=0) and z_K the action chunk. `sample` and `log_prob` below are written once on top of it.
 Deterministic sampling takes the mean (DDIM with eta=0, or the Euler ODE step); stochastic sampling
-draws from N(mean, std^2), and the per-step log-densities are exact.
+draws from N(mean, std^2), and the per-step log-densities are exact. The options policy-gradient
+finetuning needs (DPPO: a frozen prefix of steps, a std floor, clipped noise, per-dimension
+log-densities) are options of these two methods, so the Gaussian of a step is written once.
 """
 
 from __future__ import annotations
@@ -16,8 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from labkit.policies.base import Policy, PolicyConfig
 from labkit.nn import EMA, ObsEncoder, activation, make_denoiser
+from labkit.policies.base import Policy, PolicyConfig
 
 
 @dataclass
@@ -59,9 +61,11 @@ class SampleResult:
     """What `sample` returns.
 
     actions:   [B, H, A] the normalised action chunk (= latents[:, -1]).
-    latents:   [B, K+1, H, A] the whole chain z_0 (the noise) ... z_K (the chunk), in sampling order.
+    latents:   [B, K+1, H, A] the whole chain z_0 (the noise) ... z_K (the chunk), in sampling order
+               (with `ft_steps` K': its last K'+1 latents z_{K-K'} ... z_K).
     log_probs: [B, K] log N(z_{i+1}; mean_theta(z_i), std_i^2) for step i, summed over the chunk's
-               H*A dims (stochastic=True only; None for deterministic sampling).
+               H*A dims ([B, K, H, A] with per_dim; K' steps with ft_steps); stochastic=True only,
+               None for deterministic sampling.
     """
 
     actions: torch.Tensor
@@ -113,51 +117,91 @@ class GenerativePolicy(Policy):
         return self.ema.model if (use_ema and self.ema is not None) else self.model
 
     # ---- sampling ------------------------------------------------------------------------------
+    def step_gaussian(self, net: nn.Module, feat: torch.Tensor, x: torch.Tensor, i: int, steps: int,
+                      stochastic: bool, min_std: float | None = None) -> tuple[torch.Tensor, torch.Tensor | float]:
+        """`step_distribution`, with a stochastic step's std floored at `min_std` when one is given
+        (DPPO's exploration floor: every step then stays a proper Gaussian with a log-density)."""
+        mean, std = self.step_distribution(net, feat, x, i, steps, stochastic)
+        if stochastic and min_std is not None:
+            std = torch.as_tensor(std, dtype=mean.dtype, device=mean.device).clamp(min=min_std)
+        return mean, std
+
     def sample(self, obs: dict[str, torch.Tensor], noise: torch.Tensor | None = None, steps: int | None = None,
-               stochastic: bool = False, use_ema: bool | None = None) -> SampleResult:
+               stochastic: bool = False, use_ema: bool | None = None, *, net: nn.Module | None = None,
+               frozen: nn.Module | None = None, ft_steps: int | None = None, min_std: float | None = None,
+               noise_clip: float | None = None, per_dim: bool = False) -> SampleResult:
         """Sample normalised chunks for normalised observations {key: [B, obs_horizon, ...]}.
 
         `noise` is the starting latent z_0 [B, H, A] (default N(0, I)): with stochastic=False the
         output is a deterministic function of (obs, noise), which is what noise-space RL (DSRL)
-        steers. With stochastic=True every step draws from its Gaussian and `log_probs` holds the
-        per-step log-densities that policy-gradient methods (DPPO, OGPO) need. Not under no_grad:
-        gradients flow to the weights and to `noise` when asked for.
+        steers. With stochastic=True every step draws z_{i+1} = mean_i + std_i * z, z ~ N(0, I), and
+        `log_probs` holds the per-step log-densities that policy-gradient methods (DPPO, OGPO) need.
+        Not under no_grad: gradients flow to the weights and to `noise` when asked for.
+
+        What DPPO adds (the defaults leave the plain sampler above):
+            net        the networks to sample with (default: `self.net(use_ema)`).
+            ft_steps   K': keep only the last K' steps of the chain; latents [B, K'+1, H, A] start at
+                       z_{K-K'} and log_probs cover those K' steps. The first K - K' steps run with
+                       `frozen` (default: `net`), stochastic or not like the rest.
+            min_std    floor on every stochastic step's std (`step_gaussian`).
+            noise_clip clip the standard-normal draw z to +-noise_clip.
+            per_dim    log_probs per dimension [B, K', H, A] instead of summed over the chunk [B, K'].
         """
-        net, steps = self.net(use_ema), steps or self.config.steps
+        net, steps = net if net is not None else self.net(use_ema), steps or self.config.steps
+        frozen = net if frozen is None else frozen
+        first = steps - (steps if ft_steps is None else ft_steps)
+        if not 0 <= first < steps:
+            raise ValueError(f"ft_steps must lie in [1, steps={steps}], got {ft_steps}")
         feat = net["encoder"](obs)
+        frozen_feat = frozen["encoder"](obs) if first > 0 else None
         shape = (len(feat), self.config.horizon, self.action_dim)
         if noise is None:
             noise = torch.randn(shape, device=feat.device)
         elif tuple(noise.shape) != shape:
             raise ValueError(f"noise must have shape {shape} (batch, horizon, action_dim), got {tuple(noise.shape)}")
-        x, latents, log_probs = noise, [noise], []
+        x, latents, log_probs = noise, [], []
         for i in range(steps):
-            mean, std = self.step_distribution(net, feat, x, i, steps, stochastic)
+            if i == first:
+                latents.append(x)
+            step_net, step_feat = (frozen, frozen_feat) if i < first else (net, feat)
+            mean, std = self.step_gaussian(step_net, step_feat, x, i, steps, stochastic, min_std)
             if stochastic:
-                x = mean + std * torch.randn_like(mean)
-                log_probs.append(gaussian_log_prob(x, mean, std))
+                z = torch.randn_like(mean)
+                x = mean + std * (z if noise_clip is None else z.clamp(-noise_clip, noise_clip))
+                if i >= first:
+                    log_probs.append(gaussian_log_prob(x, mean, std, per_dim))
             else:
                 x = mean
-            latents.append(x)
+            if i >= first:
+                latents.append(x)
         return SampleResult(x, torch.stack(latents, 1), torch.stack(log_probs, 1) if stochastic else None)
 
-    def log_prob(self, obs: dict[str, torch.Tensor], latents: torch.Tensor, use_ema: bool | None = None) -> torch.Tensor:
-        """Per-step log-densities [B, K] of a stored stochastic chain `latents` [B, K+1, H, A] (as
-        `sample` returns it). With use_ema=False they are differentiable in the trainable weights:
-        the new-policy side of a PPO ratio."""
-        net, steps = self.net(use_ema), latents.shape[1] - 1
+    def log_prob(self, obs: dict[str, torch.Tensor], latents: torch.Tensor, use_ema: bool | None = None, *,
+                 net: nn.Module | None = None, steps: int | None = None, min_std: float | None = None,
+                 per_dim: bool = False) -> torch.Tensor:
+        """Per-step log-densities [B, K'] ([B, K', H, A] with per_dim) of a stored stochastic chain
+        `latents` [B, K'+1, H, A] (as `sample` returns it). `steps` is the chain's full length K
+        (default K': the whole chain), so that the stored part is its last K' steps; `net` and
+        `min_std` as in `sample`. With use_ema=False (or a trainable `net`) they are differentiable
+        in the weights: the new-policy side of a PPO ratio."""
+        net = net if net is not None else self.net(use_ema)
+        kept = latents.shape[1] - 1
+        steps = steps or kept
+        if not 1 <= kept <= steps:
+            raise ValueError(f"latents hold {kept} steps, which must lie in [1, steps={steps}]")
         feat = net["encoder"](obs)
         out = []
-        for i in range(steps):
-            mean, std = self.step_distribution(net, feat, latents[:, i], i, steps, stochastic=True)
-            out.append(gaussian_log_prob(latents[:, i + 1], mean, std))
+        for j in range(kept):
+            mean, std = self.step_gaussian(net, feat, latents[:, j], steps - kept + j, steps, True, min_std)
+            out.append(gaussian_log_prob(latents[:, j + 1], mean, std, per_dim))
         return torch.stack(out, 1)
 
     def predict_normalized(self, obs):
         return self.sample(obs).actions
 
 
-def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std) -> torch.Tensor:
-    """log N(x; mean, std^2 I) summed over all but the batch dimension."""
+def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std, per_dim: bool = False) -> torch.Tensor:
+    """log N(x; mean, std^2 I) summed over all but the batch dimension (per_dim: not summed)."""
     std = torch.as_tensor(std, dtype=mean.dtype, device=mean.device).expand_as(mean)
-    return torch.distributions.Normal(mean, std).log_prob(x).flatten(1).sum(-1)
+    log_prob = torch.distributions.Normal(mean, std).log_prob(x)
+    return log_prob if per_dim else log_prob.flatten(1).sum(-1)

@@ -21,9 +21,9 @@ import torch.nn.functional as F
 
 from labkit.data import Normalizer
 from labkit.nn import mlp
-from labkit.training import log_loss
 from labkit.rewards.augment import Trajectory
 from labkit.rewards.classifier import STATE, fit_module
+from labkit.training import log_loss
 
 
 def bradley_terry_loss(return_a: torch.Tensor, return_b: torch.Tensor, prefer_a: torch.Tensor) -> torch.Tensor:

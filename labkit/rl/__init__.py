@@ -39,7 +39,7 @@ from labkit.rl.expo import EXPO, EXPOConfig
 from labkit.rl.loop import ChunkRuntime, OffPolicyAgent, PolicyChunkEnv
 from labkit.rl.recap import RECAP, AdvantageFlowPolicy, RECAPConfig, guidance_sweep
 from labkit.rl.residual import ResidualConfig, ResidualPolicy, ResidualRL
-from labkit.rl.returns import NStep, chunk_discount, chunk_return, nstep_batch, nstep_returns
+from labkit.rl.returns import NStep, chunk_discount, chunk_return, gae, nstep_batch, nstep_returns
 from labkit.rl.wrappers import ChunkWrapper
 
 __all__ = [
@@ -49,5 +49,5 @@ __all__ = [
     "ChunkRuntime", "OffPolicyAgent", "PolicyChunkEnv",
     "ChunkWrapper", "EnsembleLinear", "MixedSampler", "NStep", "QEnsemble", "ReplayBuffer", "TanhGaussianActor",
     "Temperature", "chunk_discount", "chunk_return", "concat_batches", "flatten_obs", "mean_minus_std",
-    "min_of_random_subset", "nstep_batch", "nstep_returns", "polyak_update", "target_copy", "transition_fields",
+    "min_of_random_subset", "gae", "nstep_batch", "nstep_returns", "polyak_update", "target_copy", "transition_fields",
 ]

@@ -40,77 +40,15 @@ from gymnasium.vector import AutoresetMode, SyncVectorEnv
 from torch import nn
 from tqdm.auto import tqdm
 
-from labkit.policies.generative import GenerativePolicy
 from labkit.nn import mlp
+from labkit.policies.generative import GenerativePolicy, SampleResult
 from labkit.rl.buffer import flatten_obs
 from labkit.rl.loop import ChunkRuntime, PolicyChunkEnv
-from labkit.rl.returns import chunk_discount
+from labkit.rl.returns import chunk_discount, gae
 
-# ---- the chain: per-step Gaussians, their log-densities, and PPO's pieces ---------------------------
-
-
-@dataclass
-class Chain:
-    """The finetuned part of a sampled chain.
-
-    actions:   [B, H, A] the normalised chunk z_K (not yet clipped to the action range).
-    latents:   [B, K'+1, H, A] z_{K-K'} ... z_K, the input of the first finetuned step to the chunk.
-    log_probs: [B, K', H, A] per-dim log N(z_{j+1}; mean_j, std_j^2) (stochastic sampling only).
-    """
-
-    actions: torch.Tensor
-    latents: torch.Tensor
-    log_probs: torch.Tensor | None
-
-
-def step_gaussian(policy: GenerativePolicy, net: nn.Module, feat: torch.Tensor, x: torch.Tensor, i: int, steps: int,
-                  min_std: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and std (floored at `min_std`, DPPO's exploration floor) of sampling step i of `steps`."""
-    mean, std = policy.step_distribution(net, feat, x, i, steps, stochastic=True)
-    return mean, torch.as_tensor(std, dtype=mean.dtype, device=mean.device).clamp(min=min_std)
-
-
-def sample_chain(policy: GenerativePolicy, obs: dict[str, torch.Tensor], steps: int, ft_steps: int,
-                 frozen: nn.Module | None = None, min_std: float = 0.1, noise_clip: float = 3.0,
-                 stochastic: bool = True, live: nn.Module | None = None) -> Chain:
-    """Run the K-step sampler on normalised observations: steps i < K - K' with the `frozen` net (the
-    base policy's), the last K' with the `live` one (default: the policy's trainable net). Stochastic
-    steps draw mean + std * clip(z, +-noise_clip); deterministic ones take the policy's own
-    deterministic mean (the Euler ODE step, or DDIM with eta=0), as `sample(stochastic=False)` does."""
-    live = policy.net(use_ema=False) if live is None else live
-    frozen = live if frozen is None else frozen
-    first = steps - ft_steps
-    feats = {"live": live["encoder"](obs), "frozen": frozen["encoder"](obs) if first > 0 else None}
-    x = torch.randn(len(feats["live"]), policy.config.horizon, policy.action_dim, device=feats["live"].device)
-    latents, log_probs = [], []
-    for i in range(steps):
-        net, feat = (frozen, feats["frozen"]) if i < first else (live, feats["live"])
-        if i == first:
-            latents.append(x)
-        if stochastic:
-            mean, std = step_gaussian(policy, net, feat, x, i, steps, min_std)
-            x_next = mean + std * torch.randn_like(mean).clamp(-noise_clip, noise_clip)
-            if i >= first:
-                log_probs.append(torch.distributions.Normal(mean, std).log_prob(x_next))
-        else:
-            x_next = policy.step_distribution(net, feat, x, i, steps, stochastic=False)[0]
-        x = x_next
-        if i >= first:
-            latents.append(x)
-    return Chain(x, torch.stack(latents, 1), torch.stack(log_probs, 1) if stochastic else None)
-
-
-def chain_log_probs(policy: GenerativePolicy, net: nn.Module, obs: dict[str, torch.Tensor], latents: torch.Tensor,
-                    steps: int, min_std: float = 0.1) -> torch.Tensor:
-    """Per-dim log-densities [B, K', H, A] of a stored chain's finetuned part `latents` [B, K'+1, H, A]
-    under `net` (differentiable: the new-policy side of the PPO ratio)."""
-    ft_steps = latents.shape[1] - 1
-    feat = net["encoder"](obs)
-    out = []
-    for j in range(ft_steps):
-        mean, std = step_gaussian(policy, net, feat, latents[:, j], steps - ft_steps + j, steps, min_std)
-        out.append(torch.distributions.Normal(mean, std).log_prob(latents[:, j + 1]))
-    return torch.stack(out, 1)
+# ---- PPO's pieces on the denoising chain --------------------------------------------------------------
+# The chain itself is the policy's: GenerativePolicy.sample(..., ft_steps, frozen, min_std, noise_clip,
+# per_dim) draws it and GenerativePolicy.log_prob(..., steps, min_std, per_dim) rescores it.
 
 
 def reduce_log_probs(log_probs: torch.Tensor, act_steps: int | None = None,
@@ -134,21 +72,6 @@ def clip_schedule(ft_steps: int, eps: float, eps_base: float, rate: float) -> to
 def denoising_discount(ft_steps: int, gamma_denoising: float) -> torch.Tensor:
     """gamma_den**(K' - j - 1) for finetuned step j [K']: the step that makes the chunk weighs 1."""
     return gamma_denoising ** torch.arange(ft_steps - 1, -1, -1, dtype=torch.float32)
-
-
-def gae(rewards: torch.Tensor, values: torch.Tensor, next_values: torch.Tensor, discounts: torch.Tensor,
-        dones: torch.Tensor, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Generalised advantage estimation over [T, N] (time first). `discounts` = gamma**steps (1 - terminated)
-    bootstraps from `next_values` (the value of the observation after each decision, the final one at an
-    episode's end); `dones` (terminated or truncated) cut the lambda-trace between episodes.
-    Returns (advantages, returns = advantages + values)."""
-    adv = torch.zeros_like(rewards)
-    last = torch.zeros_like(rewards[0])
-    for t in reversed(range(len(rewards))):
-        delta = rewards[t] + discounts[t] * next_values[t] - values[t]
-        last = delta + discounts[t] * lam * (1 - dones[t].float()) * last
-        adv[t] = last
-    return adv, adv + values
 
 
 def ppo_loss(new_lp: torch.Tensor, old_lp: torch.Tensor, adv: torch.Tensor,
@@ -334,13 +257,26 @@ class DPPO:
                                           for k in self.obs_keys})
 
     @torch.no_grad()
-    def act(self, obs: dict[str, torch.Tensor], stochastic: bool = True) -> tuple[torch.Tensor, Chain]:
-        """Normalised observations -> (the normalised chunk to execute [B, H, A], the chain). The chunk is
-        the chain's end clipped to the action range [-1, 1]; the chain itself keeps exact log-probs."""
-        c = self.config
-        chain = sample_chain(self.policy, obs, self.steps, self.ft_steps, self.frozen, c.min_std, c.noise_clip,
-                             stochastic)
+    def act(self, obs: dict[str, torch.Tensor], stochastic: bool = True) -> tuple[torch.Tensor, SampleResult]:
+        """Normalised observations -> (the normalised chunk to execute [B, H, A], the chain). The chain runs
+        the frozen base for its first K - K' steps and the live finetuned net for the last K'; it keeps those
+        K' steps' latents [B, K'+1, H, A] and per-dim log-probs [B, K', H, A]. The chunk is the chain's end
+        clipped to the action range [-1, 1]; the chain itself keeps exact log-probs."""
+        chain = self._chain(obs, self.policy.net(use_ema=False), stochastic)
         return chain.actions.clamp(-1, 1), chain
+
+    def _chain(self, obs: dict[str, torch.Tensor], net: nn.Module, stochastic: bool = True) -> SampleResult:
+        """The K-step chain with `net` on its last K' steps (the frozen base before), DPPO's std floor and noise clip."""
+        c = self.config
+        return self.policy.sample(obs, steps=self.steps, stochastic=stochastic, net=net, frozen=self.frozen,
+                                  ft_steps=self.ft_steps, min_std=c.min_std, noise_clip=c.noise_clip, per_dim=True)
+
+    def _step_log_probs(self, obs: dict[str, torch.Tensor], latents: torch.Tensor) -> torch.Tensor:
+        """l_j [B, K']: the live net's clamped, averaged log-densities of a stored chain's K' finetuned steps."""
+        c = self.config
+        lp = self.policy.log_prob(obs, latents, net=self.policy.net(use_ema=False), steps=self.steps,
+                                  min_std=c.min_std, per_dim=True)
+        return reduce_log_probs(lp, self.act_steps, c.logprob_clamp)
 
     def collect(self) -> dict:
         """n_steps chunk decisions in each of the num_envs envs with the stochastic chain; returns the
@@ -403,9 +339,7 @@ class DPPO:
         """Actor (PPO over the K' steps), value and BC losses on the decisions `idx` of a collected batch."""
         c = self.config
         obs = {k: v[idx] for k, v in batch["obs"].items()}
-        live = self.policy.net(use_ema=False)
-        new_lp = reduce_log_probs(chain_log_probs(self.policy, live, obs, batch["latents"][idx], self.steps, c.min_std),
-                                  self.act_steps, c.logprob_clamp)
+        new_lp = self._step_log_probs(obs, batch["latents"][idx])
         pg_loss, stats = ppo_loss(new_lp, batch["log_probs"][idx], adv[idx, None] * self.den_discount, self.clip)
         value = self.value(flatten_obs(obs, self.obs_keys)).squeeze(-1)
         value_loss = 0.5 * (value - batch["returns"][idx]).pow(2).mean()
@@ -413,10 +347,8 @@ class DPPO:
         bc_loss = torch.zeros((), device=self.device)
         if c.bc_coef > 0:  # keep the finetuned chain likely to reproduce the base's own chains
             with torch.no_grad():
-                base = sample_chain(self.policy, obs, self.steps, self.ft_steps, self.frozen, c.min_std,
-                                    c.noise_clip, live=self.frozen)
-            bc_loss = -reduce_log_probs(chain_log_probs(self.policy, live, obs, base.latents, self.steps, c.min_std),
-                                        self.act_steps, c.logprob_clamp).mean()
+                base = self._chain(obs, self.frozen)
+            bc_loss = -self._step_log_probs(obs, base.latents).mean()
             loss = loss + c.bc_coef * bc_loss
         stats.update(pg_loss=pg_loss.item(), value_loss=value_loss.item(), bc_loss=bc_loss.item())
         return loss, stats

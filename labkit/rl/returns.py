@@ -1,4 +1,5 @@
-"""Multi-step returns and their bootstrap discounts, for step-level (n-step) and chunk-level transitions.
+"""Multi-step returns and their bootstrap discounts, for step-level (n-step) and chunk-level transitions,
+and GAE advantages for on-policy methods over the same discounts.
 
 Every function returns the pair the replay buffer stores, so that all methods share one TD target:
     y = R + discount * Q̄(s_next, a')
@@ -106,3 +107,21 @@ def chunk_return(rewards: torch.Tensor, steps: torch.Tensor, terminated: torch.T
     weights = gamma ** torch.arange(k, device=rewards.device).float() if discount_within else torch.ones(k)
     ret = (rewards.float() * weights.to(rewards.device) * ran).sum(-1)
     return ret, chunk_discount(steps, terminated, gamma).to(rewards.device)
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, next_values: torch.Tensor, discounts: torch.Tensor,
+        dones: torch.Tensor, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation (Schulman et al. 2016) over [T, N] (time first), for on-policy
+    methods (DPPO):
+        delta_t = r_t + d_t V(s_{t+1}) - V(s_t),   A_t = delta_t + d_t lambda (1 - done_t) A_{t+1}
+    `discounts` d_t = gamma**steps (1 - terminated), this module's bootstrap discount, bootstraps from
+    `next_values` (the value of the observation after each decision, the final one at an episode's end);
+    `dones` (terminated or truncated) cut the lambda-trace between episodes.
+    Returns (advantages, returns = advantages + values)."""
+    adv = torch.zeros_like(rewards)
+    last = torch.zeros_like(rewards[0])
+    for t in reversed(range(len(rewards))):
+        delta = rewards[t] + discounts[t] * next_values[t] - values[t]
+        last = delta + discounts[t] * lam * (1 - dones[t].float()) * last
+        adv[t] = last
+    return adv, adv + values
