@@ -2,7 +2,6 @@
 
     labkit demo                     train + evaluate a PushT policy from the shipped dataset
     labkit datasets                 regenerate the shipped datasets with the scripted experts
-    labkit train DATASET OUT.ckpt   train a policy (bc, diffusion, flow, postbc-flow) on a dataset directory
     labkit fit --config YAML        a policy (configs/) or an RL method (configs/rl/) through LightningCLI
     labkit eval CKPT ENV_ID         success with a Wilson interval (a policy's or an RL run's checkpoint)
 """
@@ -15,10 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from labkit.data.shipped import DATASETS, EVAL_SEED, ROOT, SHIPPED  # noqa: F401  (ROOT: the demo's folder)
-
-# `labkit train --policy NAME` -> class in labkit.policies
-POLICIES = {"bc": "BCPolicy", "diffusion": "DiffusionPolicy", "flow": "FlowPolicy", "postbc-flow": "PostBCFlowPolicy"}
+from labkit.data.shipped import DATASETS, EVAL_SEED, ROOT, SHIPPED
 
 
 def make_datasets(names=None, overwrite: bool = True) -> None:
@@ -107,7 +103,7 @@ def main(argv=None) -> int:
     if (sys.argv[1:] if argv is None else list(argv))[:1] == ["fit"]:
         # LightningCLI parses its own arguments (--config, --trainer.*, --model.*); from the command
         # line it reads sys.argv itself.
-        from labkit.fit_cli import main as fit_main
+        from labkit.fitting import main as fit_main
 
         fit_main(None if argv is None else list(argv))
         return 0
@@ -120,13 +116,6 @@ def main(argv=None) -> int:
     d.add_argument("--episodes", type=int, default=100)
     g = sub.add_parser("datasets", help="regenerate the shipped datasets")
     g.add_argument("names", nargs="*", help=f"any of {', '.join(SHIPPED)} (default: all)")
-    t = sub.add_parser("train", help="train a policy on a dataset directory")
-    t.add_argument("dataset")
-    t.add_argument("out")
-    t.add_argument("--policy", choices=sorted(POLICIES), default="bc")
-    t.add_argument("--steps", type=int, default=5000)
-    t.add_argument("--horizon", type=int, default=16)
-    t.add_argument("--n-action-steps", type=int, default=8)
     e = sub.add_parser("eval", help="evaluate a checkpoint")
     e.add_argument("checkpoint")
     e.add_argument("env_id")
@@ -147,15 +136,6 @@ def main(argv=None) -> int:
         if unknown:
             p.error(f"unknown dataset(s) {sorted(unknown)}; choose from {', '.join(SHIPPED)}")
         make_datasets(a.names or None)
-    elif a.cmd == "train":
-        import labkit.policies as policies
-        from labkit.data import load_dataset
-        from labkit.policies import fit
-
-        ds = load_dataset(a.dataset)
-        policy = getattr(policies, POLICIES[a.policy]).from_dataset(ds, horizon=a.horizon,
-                                                                    n_action_steps=a.n_action_steps)
-        print(f"saved {fit(policy, ds, steps=a.steps).save(a.out)}")
     elif a.cmd == "grade":
         from labkit.teach.grade import main as grade_main
 
@@ -166,7 +146,7 @@ def main(argv=None) -> int:
     elif a.cmd == "eval":
         from labkit import load_policy
         from labkit.eval import evaluate
-        from labkit.rl.module import is_rl_checkpoint, load_agent
+        from labkit.fitting import is_rl_checkpoint, load_agent
 
         # An RL run's checkpoint (labkit fit --config configs/rl/...) rolls out its finetuned policy.
         policy = load_agent(a.checkpoint).eval_policy() if is_rl_checkpoint(a.checkpoint) else load_policy(a.checkpoint)

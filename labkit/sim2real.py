@@ -14,7 +14,6 @@ initial state and keeps the parameters whose joint trajectories match the record
 
 from __future__ import annotations
 
-import copy
 import itertools
 from typing import Any
 
@@ -155,27 +154,14 @@ def cem(objective, low, high, iters: int = 6, population: int = 16, elite: int =
 def concat_episodes(*datasets, repeat: tuple[int, ...] | None = None):
     """One `EpisodeDataset` holding the episodes of all `datasets` (each repeated `repeat[i]`
     times, to weight a small real set against a large sim set); stats recomputed on the union."""
-    from labkit.data.dataset import EpisodeDataset, compute_stats
+    from labkit.data.dataset import EpisodeDataset
 
     repeat = repeat or (1,) * len(datasets)
     if len(repeat) != len(datasets) or min(repeat) < 1:
         raise ValueError(f"repeat needs one count >= 1 per dataset, got {repeat} for {len(datasets)}")
-    keys = set.intersection(*[set(d.frames) for d in datasets])
-    parts, starts, ends, offset = {k: [] for k in keys}, [], [], 0
-    episode_index = []
-    for d, r in zip(datasets, repeat, strict=True):
-        for _ in range(r):
-            for e in range(d.num_episodes):
-                a, b = d.episode_from[e], d.episode_to[e]
-                for k in keys:
-                    parts[k].append(d.frames[k][a:b])
-                episode_index.append(np.full(b - a, len(starts)))
-                starts.append(offset)
-                offset += b - a
-                ends.append(offset)
-    frames = {k: np.concatenate(v) for k, v in parts.items()}
-    frames["episode_index"] = np.concatenate(episode_index)
     first = datasets[0]
-    stats = {**copy.deepcopy(first.stats), **compute_stats(frames, first.info["features"], images=False)}
-    info = {**copy.deepcopy(first.info), "total_episodes": len(starts), "total_frames": offset}
-    return EpisodeDataset(frames, np.array(starts), np.array(ends), info, stats, {}, first.tasks)
+    keys = [k for k in first.frames if all(k in d.frames for d in datasets)]  # the features all share
+    episodes = [{k: d.frames[k][a:b] for k in keys}
+                for d, r in zip(datasets, repeat, strict=True) for _ in range(r)
+                for a, b in zip(d.episode_from, d.episode_to, strict=True)]
+    return EpisodeDataset.from_episodes(episodes, like=first)  # the first's info and image stats

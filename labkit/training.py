@@ -109,3 +109,72 @@ def train_module(module: L.LightningModule, batches, steps: int, seed: int = 0, 
     module.train()
     trainer.fit(module, train_dataloaders=batches)
     return module.eval()
+
+
+def minibatch_fit(model, loss_fn, n: int | None = None, steps: int = 1000, batch_size: int | tuple[int, ...] = 256,
+                  lr: float = 1e-3, seed: int = 0, *, optimizer: str | torch.optim.Optimizer = "adam",
+                  weight_decay: float = 0.0, schedule: str | None = None, grad_clip: float | None = None,
+                  weights: torch.Tensor | None = None, sample=None, generator: torch.Generator | None = None,
+                  after_step=None):
+    """The plain supervised loop of labkit's small auxiliary models (values, critics, verifiers, world
+    models, PostBC's ensemble), where a Trainer would cost more than the model: `steps` updates of
+    `loss_fn(idx)` on minibatch indices drawn with replacement. Returns the loss per step (np.ndarray).
+
+    model: an nn.Module (trained in train mode, left in eval mode) or an iterable of parameters.
+    loss_fn(idx): the minibatch's scalar loss, or (loss, extra) with `extra` handed to `after_step`.
+    Indices: idx = torch.randint(0, n, batch_size) (batch_size may be a shape, e.g. (members, B)); or
+        torch.multinomial(weights, batch_size, replacement=True) with per-example `weights`; or
+        `sample(generator)` (anything loss_fn takes). They come from `generator` (pass one that loss_fn
+        also draws from, or that must continue across calls), by default a new one seeded with `seed`.
+    optimizer: "adam", "adamw" (with `weight_decay`), or an optimiser to continue (its own settings kept).
+    schedule: None (constant lr) or "cosine" (CosineAnnealingLR to 0 over `steps`).
+    grad_clip: clip the gradients' global norm to this before each update (none by default).
+    after_step(step, loss, extra): called after each update (e.g. to clamp a parameter, or to log).
+    """
+    import numpy as np
+
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if sample is None and weights is None and not n:
+        raise ValueError("need n >= 1 examples to draw from (or `weights`, or `sample`)")
+    module = model if isinstance(model, torch.nn.Module) else None
+    params = list(model.parameters() if module is not None else model)
+    if isinstance(optimizer, torch.optim.Optimizer):
+        opt = optimizer
+    elif optimizer == "adam":
+        opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    elif optimizer == "adamw":
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    else:
+        raise ValueError(f"optimizer must be 'adam', 'adamw' or a torch optimiser, got {optimizer!r}")
+    if schedule not in (None, "cosine"):
+        raise ValueError(f"schedule must be None or 'cosine', got {schedule!r}")
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps) if schedule == "cosine" else None
+    gen = generator if generator is not None else torch.Generator().manual_seed(seed)
+    shape = (batch_size,) if isinstance(batch_size, int) else tuple(batch_size)
+    if sample is None:
+        if weights is not None:
+            def sample(g):
+                return torch.multinomial(weights, batch_size, replacement=True, generator=g)
+        else:
+            def sample(g):
+                return torch.randint(0, n, shape, generator=g)
+    losses = np.zeros(steps)
+    if module is not None:
+        module.train()
+    for step in range(steps):
+        out = loss_fn(sample(gen))
+        loss, extra = out if isinstance(out, tuple) else (out, None)
+        opt.zero_grad()
+        loss.backward()
+        if grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        opt.step()
+        if sched is not None:
+            sched.step()
+        losses[step] = loss.item()
+        if after_step is not None:
+            after_step(step, losses[step], extra)
+    if module is not None:
+        module.eval()
+    return losses

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import labkit
-import labkit.cli
+import labkit.data
 from labkit.data import load_dataset, record
 from labkit.policies import FlowPolicy, fit
 
@@ -35,7 +35,7 @@ def detour_ds(tmp_path_factory):
 @pytest.fixture(scope="module")
 def demos():
     """6 shipped Detour demonstrations (with rewards and done flags, as RLPD's offline half needs)."""
-    return load_dataset(labkit.cli.DATASETS / "detour").select(range(6))
+    return load_dataset(labkit.data.DATASETS / "detour").select(range(6))
 
 
 @pytest.fixture(scope="module")

@@ -92,8 +92,7 @@ def test_local_adapter_linear_and_clipped():
 
 
 def test_fit_adapter_reduces_heldout_error():
-    from labkit.data import DATASETS
-    from labkit.data import load_dataset
+    from labkit.data import DATASETS, load_dataset
     from labkit.policies import FlowPolicy
 
     ds = load_dataset(DATASETS / "arm").select(range(20))

@@ -12,7 +12,15 @@ import pytest
 import torch
 
 import labkit
-from labkit.data import DatasetError, Normalizer, Recorder, check_compatible, load_dataset, record
+from labkit.data import (
+    DatasetError,
+    EpisodeDataset,
+    Normalizer,
+    Recorder,
+    check_compatible,
+    load_dataset,
+    record,
+)
 
 ENV = "labkit/Detour-v0"
 EPISODES = 5
@@ -107,6 +115,54 @@ def test_select_splits_episodes(state_ds):
     np.testing.assert_array_equal(sub.episodes["seed"], ds.episodes["seed"][[3, 1]])
     np.testing.assert_allclose(sub.stats["action"]["max"], sub.frames["action"].max(0), rtol=1e-6)
     assert ds.select(range(2)).num_episodes == 2
+
+
+def test_from_episodes_rebuilds_a_recorded_dataset(state_ds):
+    _, ds = state_ds
+    again = EpisodeDataset.from_episodes([ds.episode(i) for i in range(ds.num_episodes)], like=ds)
+    assert sorted(again.frames) == sorted(ds.frames) and again.fps == ds.fps and again.tasks == ds.tasks
+    for key, values in ds.frames.items():  # the index columns are recomputed, equal to the recorded ones
+        np.testing.assert_array_equal(again.frames[key], values, err_msg=key)
+        assert again.frames[key].dtype == values.dtype, key
+    np.testing.assert_array_equal(again.episode_from, ds.episode_from)
+    np.testing.assert_array_equal(again.episode_to, ds.episode_to)
+    for key in ("observation.state", "action"):  # computed here vs the recorder's stats.json
+        for name in ("min", "max", "mean", "std"):
+            np.testing.assert_allclose(again.stats[key][name], ds.stats[key][name], rtol=1e-5, atol=1e-7)
+    np.testing.assert_array_equal(again.episodes["length"], ds.lengths)
+
+
+def test_from_episodes_by_hand():
+    eps = [{"observation.state": np.arange(6, dtype=np.float32).reshape(3, 2), "action": np.ones((3, 1), np.float32)},
+           {"observation.state": np.full((2, 2), 7, np.float32), "action": np.zeros((2, 1), np.float32)}]
+    ds = EpisodeDataset.from_episodes(eps, fps=5, success=[False, True], columns={"label": np.arange(5) % 2})
+    assert list(ds.frames) == ["observation.state", "action", "episode_index", "frame_index", "index",
+                               "next.success", "label"]
+    np.testing.assert_array_equal(ds.episode_from, [0, 3])
+    np.testing.assert_array_equal(ds.episode_to, [3, 5])
+    np.testing.assert_array_equal(ds.frames["episode_index"], [0, 0, 0, 1, 1])
+    np.testing.assert_array_equal(ds.frames["frame_index"], [0, 1, 2, 0, 1])
+    np.testing.assert_array_equal(ds.frames["index"], np.arange(5))
+    np.testing.assert_array_equal(ds.frames["next.success"], [False, False, False, False, True])
+    np.testing.assert_array_equal(ds.episode(1)["observation.state"], eps[1]["observation.state"])
+    assert ds.episodes["success"].tolist() == [False, True] and ds.episodes["length"].tolist() == [3, 2]
+    assert ds.fps == 5.0 and ds.info["total_frames"] == 5 and ds.info["total_episodes"] == 2
+    assert ds.info["features"]["observation.state"] == {"dtype": "float32", "shape": [2]}
+    assert ds.info["features"]["label"]["shape"] == [1] and ds.success_rate == 0.5
+    np.testing.assert_allclose(ds.stats["observation.state"]["mean"], [(0 + 2 + 4 + 14) / 5, (1 + 3 + 5 + 14) / 5])
+    np.testing.assert_allclose(ds.stats["action"]["max"], [1.0])
+    given = {"action": {"min": [-1.0], "max": [1.0]}}
+    assert EpisodeDataset.from_episodes(eps, fps=5, stats=given).stats is given
+    with pytest.raises(ValueError, match="fps"):
+        EpisodeDataset.from_episodes(eps)
+    with pytest.raises(ValueError, match="same number"):
+        EpisodeDataset.from_episodes([{"observation.state": np.zeros((3, 2)), "action": np.zeros((2, 1))}], fps=5)
+    with pytest.raises(ValueError, match="features"):
+        EpisodeDataset.from_episodes([eps[0], {"action": np.zeros((2, 1))}], fps=5)
+    with pytest.raises(ValueError, match="one value per frame"):
+        EpisodeDataset.from_episodes(eps, fps=5, columns={"label": np.zeros(4)})
+    with pytest.raises(ValueError, match="no episodes"):
+        EpisodeDataset.from_episodes([], fps=5)
 
 
 def test_pixels_round_trip_and_consolidation(tmp_path):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import labkit  # noqa: F401  (before anything imports mujoco: picks the GL backend, registers tasks)
-import labkit.cli
+import labkit.data
 from labkit.data import load_dataset
 from labkit.policies import DiffusionPolicy, FlowPolicy, fit
 from labkit.rl.dppo import DPPO, DPPOConfig, clip_schedule, denoising_discount, ppo_loss, reduce_log_probs
@@ -20,7 +20,7 @@ SMALL = dict(horizon=8, n_action_steps=4, obs_horizon=2, hidden=64, layers=2, st
 
 @pytest.fixture(scope="module")
 def detour10():
-    return load_dataset(labkit.cli.DATASETS / "detour").select(range(10))
+    return load_dataset(labkit.data.DATASETS / "detour").select(range(10))
 
 
 @pytest.fixture(scope="module")
@@ -241,7 +241,7 @@ def test_short_training_fits_the_value_and_acts(flow_policy):
         last = agent.update(batch)
     assert last["value_loss"] < 0.5 * first["value_loss"], (first["value_loss"], last["value_loss"])
 
-    history = agent.train(iterations=3, eval_every=2, eval_episodes=3, progress=False)
+    history = agent.train(steps=3, eval_every=2, eval_episodes=3, log_every=1, progress=False)
     assert [h["iteration"] for h in history] == [0, 1, 2, 3]
     assert "success" in history[0] and "success" in history[2] and "success" in history[3]
     steps = [h["env_steps"] for h in history]
@@ -268,7 +268,7 @@ def test_short_training_fits_the_value_and_acts(flow_policy):
     obs = {"state": np.zeros((3, 6), np.float32), "proprio": np.zeros((3, 4), np.float32)}
     agent.policy.reset()
     assert agent.policy.select_action(obs).shape == (3, 2)
-    runtime = agent.finetuned_policy()
+    runtime = agent.eval_policy()
     assert runtime.select_action({k: v[0] for k, v in obs.items()}).shape == (2,)
     history_obs = {"observation.state": torch.randn(3, 2, 6) * 0.2}
     torch.manual_seed(5)
@@ -285,12 +285,12 @@ def test_short_training_fits_the_value_and_acts(flow_policy):
 def test_finetuning_the_last_steps_only(flow_policy):
     agent = DPPO(flow_policy, ENV, small_config(ft_steps=2, n_steps=5, epochs=1))
     frozen = [p.clone() for p in agent.frozen.parameters()]
-    history = agent.train(iterations=2, progress=False)
+    history = agent.train(steps=2, progress=False)
     assert len(history) == 2 and agent.ft_steps == 2
     assert agent.clip.shape == (2,) and agent.den_discount.tolist() == pytest.approx([0.99, 1.0])
     for p, q in zip(agent.frozen.parameters(), frozen, strict=True):  # the base's steps stay as they were
         assert torch.equal(p, q)
-    chunk = agent.finetuned_policy().predict_action_chunk({"observation.state": torch.zeros(2, 2, 6)})
+    chunk = agent.eval_policy().predict_action_chunk({"observation.state": torch.zeros(2, 2, 6)})
     assert chunk.shape == (2, 8, 2) and torch.isfinite(chunk).all()
 
 

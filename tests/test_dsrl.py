@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import labkit  # noqa: F401  (before anything imports mujoco: picks the GL backend, registers tasks)
-import labkit.cli
+import labkit.data
 from labkit.data import load_dataset
 from labkit.eval import evaluate
 from labkit.policies import FlowPolicy, fit
@@ -19,7 +19,7 @@ ENV = "labkit/Detour-v0"
 def base_policy():
     """A tiny flow policy on 10 Detour demos: chunk 8, 4 executed, two observations stacked."""
     torch.manual_seed(0)
-    ds = load_dataset(labkit.cli.DATASETS / "detour").select(range(10))
+    ds = load_dataset(labkit.data.DATASETS / "detour").select(range(10))
     policy = FlowPolicy.from_dataset(ds, horizon=8, n_action_steps=4, obs_horizon=2, hidden=64, layers=2, steps=5)
     return fit(policy, ds, steps=200, batch_size=64, progress=False)
 
@@ -85,14 +85,16 @@ def test_short_training_lowers_critic_loss(base_policy, variant):
     steps = 400 if variant == "sac" else 300
     history = agent.train(steps, eval_every=200, eval_episodes=2, progress=False)
     assert agent.env_steps >= steps
-    assert [h["env_steps"] for h in history] == sorted(h["env_steps"] for h in history) and len(history) == 2
+    # Evaluated before the first step (the base), at 200 env steps and at the end.
+    assert [h["env_steps"] for h in history] == sorted(h["env_steps"] for h in history) and len(history) == 3
+    assert history[0]["env_steps"] == 0
     assert agent.updates == len(agent.log) > 100
     losses = np.array([r["critic_loss"] for r in agent.log])
     assert np.isfinite(losses).all()
     assert losses[-20:].mean() < 0.5 * losses[:20].mean(), (losses[:20].mean(), losses[-20:].mean())
     for row in history:
         assert 0.0 <= row["success"] <= 1.0
-        assert all(np.isfinite(v) for k, v in row.items() if k != "train_return")
+        assert all(np.isfinite(v) for k, v in row.items() if k not in ("train_return", "train_success"))
     if variant == "na":
         assert np.isfinite([r["distill_loss"] for r in agent.log]).all()
     for p in agent.actor.parameters():
@@ -107,7 +109,7 @@ def test_steered_policy_with_zero_actor_is_the_base_policy(base_policy):
     agent = DSRL(base_policy, ENV, small_config("sac"))
     torch.nn.init.zeros_(agent.actor.mean.weight)
     torch.nn.init.zeros_(agent.actor.mean.bias)
-    steered = evaluate(agent.steered_policy(), ENV, episodes=3, seed=5, progress=False)
+    steered = evaluate(agent.eval_policy(), ENV, episodes=3, seed=5, progress=False)
 
     env = NoiseSpaceEnv(gym.make(ENV), base_policy)
     for i in range(3):  # the same episodes, run chunk by chunk with w = 0 through NoiseSpaceEnv

@@ -163,7 +163,7 @@ def test_short_training(base_policy, demos):
     before = [p.detach().clone() for p in base.model.parameters()]
     agent = EXPO(base, ENV, small_config(), demos=demos)
     history = agent.train(400, eval_every=200, eval_episodes=2, progress=False)
-    assert agent.env_steps >= 400 and len(history) == 2
+    assert agent.env_steps >= 400 and len(history) == 3 and history[0]["env_steps"] == 0  # the base, 200, 400
     losses = np.array([r["critic_loss"] for r in agent.log])
     assert np.isfinite(losses).all() and len(losses) > 50
     assert losses[-20:].mean() < 0.5 * losses[:10].mean(), (losses[:10].mean(), losses[-20:].mean())

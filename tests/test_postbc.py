@@ -91,8 +91,7 @@ def test_postbc_config_errors():
 
 
 def test_postbc_trains_on_a_dataset_and_round_trips(tmp_path):
-    from labkit.data import DATASETS
-    from labkit.data import load_dataset
+    from labkit.data import DATASETS, load_dataset
     from labkit.policies import fit
 
     ds = load_dataset(DATASETS / "detour").select(range(10))

@@ -210,3 +210,50 @@ def test_bad_config(demos):
         RECAP("not a dataset", ENV)
     with pytest.raises(ValueError, match="not both"):
         RECAP(demos, ENV, dataset=demos)
+
+
+# ---- interventions -----------------------------------------------------------------------------------
+
+def test_takeover_replaying_the_experts_own_actions_reproduces_its_rollout():
+    import gymnasium as gym
+
+    from labkit.eval import rollout
+    from labkit.rl.interventions import Takeover, corrected_episode
+
+    env = gym.make(ENV)
+    for noise, ks in ((0.02, (0, None)), (0.0, (0, 3, 10, None))):
+        # With the default noise the expert's random stream restarts at the takeover, so only k = 0 (all
+        # expert) and k = T (all replay) reproduce it; a noiseless expert resumes exactly from any early k.
+        expert = labkit.envs.expert(env, noise=noise)
+        ref = rollout(expert, ENV, [7], keep=("obs", "actions"))[0]
+        assert ref.success and ref.length > 10
+        for k in ks:
+            takeover = Takeover(expert, ref.actions, k)
+            ep = rollout(takeover, ENV, [7], keep=("obs", "actions"))[0]
+            assert ep.length == ref.length and ep.success, (noise, k)
+            np.testing.assert_array_equal(ep.actions, ref.actions)
+            np.testing.assert_array_equal(ep.obs["state"], ref.obs["state"])
+            assert takeover.expert_acting == (k is not None)
+
+    # The expert is reset (with its own seed) exactly when it takes over, and only then.
+    resets = []
+
+    class Spy:
+        def reset(self, seed=None):
+            resets.append((takeover.t, seed))
+
+        def __call__(self, obs):
+            return np.zeros(2, np.float32)
+
+    takeover = Takeover(Spy(), np.ones((5, 2), np.float32), 3, expert_seed=11)
+    takeover.reset(seed=99)
+    actions = [takeover({"state": None}) for _ in range(5)]
+    assert resets == [(3, 11)] and [a[0] for a in actions] == [1, 1, 1, 0, 0]
+    with pytest.raises(ValueError, match="steps"):
+        Takeover(Spy(), np.ones((5, 2)), 6)
+
+    failed = {"obs": {"observation.state": np.arange(8.0).reshape(4, 2)}, "action": np.arange(4.0).reshape(4, 1)}
+    fixed = corrected_episode(failed, 2, {"observation.state": -np.ones((3, 2))}, -np.ones((3, 1)), seed=5)
+    assert fixed["success"] and fixed["seed"] == 5 and fixed["intervention"].tolist() == [False, False, True, True, True]
+    np.testing.assert_array_equal(fixed["obs"]["observation.state"][:2], failed["obs"]["observation.state"][:2])
+    np.testing.assert_array_equal(fixed["action"][:, 0], [0, 1, -1, -1, -1])

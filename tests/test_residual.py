@@ -37,12 +37,12 @@ def test_residual_policy_starts_exactly_at_the_base(base_policy, demos):
     agent = ResidualRL(base_policy, ENV, small_config(), demos=demos)
     env = gym.make(ENV)
     want = np.clip(episode_actions(base_policy, env, 7), env.action_space.low, env.action_space.high)  # as the env does
-    np.testing.assert_array_equal(episode_actions(agent.residual_policy(), env, 7), want)
+    np.testing.assert_array_equal(episode_actions(agent.eval_policy(), env, 7), want)
     # Batched evaluation agrees episode for episode.
     torch.manual_seed(1)
     base = evaluate(base_policy, ENV, episodes=4, seed=3, progress=False)
     torch.manual_seed(1)
-    residual = evaluate(agent.residual_policy(), ENV, episodes=4, seed=3, progress=False)
+    residual = evaluate(agent.eval_policy(), ENV, episodes=4, seed=3, progress=False)
     np.testing.assert_array_equal(residual.returns, base.returns)
     np.testing.assert_array_equal(residual.lengths, base.lengths)
 
@@ -105,7 +105,7 @@ def test_short_training_lowers_critic_loss(base_policy, demos):
     agent = ResidualRL(base_policy, ENV, small_config(critic_warmup=100), demos=demos)
     history = agent.train(600, eval_every=300, eval_episodes=2, progress=False)
     assert agent.env_steps == 600 and agent.updates == 500 == len(agent.log)
-    assert [h["env_steps"] for h in history] == [300, 600]
+    assert [h["env_steps"] for h in history] == [0, 300, 600]  # the base first
     losses = np.array([r["critic_loss"] for r in agent.log])
     assert np.isfinite(losses).all()
     assert losses[-50:].mean() < 0.5 * losses[:20].mean(), (losses[:20].mean(), losses[-50:].mean())

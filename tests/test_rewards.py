@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import labkit  # noqa: F401  (before anything imports mujoco: picks the GL backend, registers tasks)
-import labkit.cli
+import labkit.data
 from labkit.data import load_dataset
 from labkit.eval import evaluate
 from labkit.rewards import (
@@ -88,7 +88,7 @@ def test_split_is_by_episode_and_stratified():
 
 
 def test_replay_matches_the_shipped_peg_dataset():
-    ds = load_dataset(labkit.cli.DATASETS / "peg")
+    ds = load_dataset(labkit.data.DATASETS / "peg")
     wins = np.flatnonzero(ds.episodes["success"])[:2].tolist()
     fails = np.flatnonzero(~np.asarray(ds.episodes["success"], bool))[:1].tolist()
     trajs = replay_episodes(ds, PEG, wins + fails)  # raises if a replay drifts from the recording
@@ -229,7 +229,7 @@ def run_expert(env, seed):
 
 
 def test_learned_reward_hides_the_true_success():
-    seed = int(np.flatnonzero(load_dataset(labkit.cli.DATASETS / "peg").episodes["success"])[0])  # the expert wins
+    seed = int(np.flatnonzero(load_dataset(labkit.data.DATASETS / "peg").episodes["success"])[0])  # the expert wins
     never = run_expert(LearnedReward(gym.make(PEG), Constant(0.0)), seed)
     assert any(info["is_success"] for _, _, info in never)  # the true success still shows in info ...
     assert len(never) == 60 and not any(term for _, term, _ in never)  # ... but no longer ends the episode
@@ -242,7 +242,7 @@ def test_learned_reward_hides_the_true_success():
 
 
 def test_terminate_on_success_switch_and_true_evaluation():
-    seed = int(np.flatnonzero(load_dataset(labkit.cli.DATASETS / "peg").episodes["success"])[0])
+    seed = int(np.flatnonzero(load_dataset(labkit.data.DATASETS / "peg").episodes["success"])[0])
     default = run_expert(gym.make(PEG), seed)
     assert default[-1][1] and default[-1][2]["is_success"]  # the default still ends on success
     assert len(run_expert(gym.make(PEG, terminate_on_success=False), seed)) == 60
@@ -255,7 +255,7 @@ def test_dppo_trains_on_the_wrapped_reward_only():
     from labkit.policies import FlowPolicy, fit
     from labkit.rl.dppo import DPPO, DPPOConfig
 
-    demos = load_dataset(labkit.cli.DATASETS / "detour").select(range(5))
+    demos = load_dataset(labkit.data.DATASETS / "detour").select(range(5))
     torch.manual_seed(0)
     policy = fit(FlowPolicy.from_dataset(demos, horizon=8, n_action_steps=4, obs_horizon=2, hidden=32, layers=1,
                                          steps=3), demos, steps=20, batch_size=32, progress=False)

@@ -13,11 +13,10 @@ import pytest
 import torch
 import yaml
 
-from labkit.data import DATASETS
 from labkit.cli import main as cli
-from labkit.data import load_dataset
+from labkit.data import DATASETS, load_dataset
+from labkit.fitting import load_agent
 from labkit.policies import FlowPolicy, fit
-from labkit.rl.module import load_agent
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs" / "rl").glob("*.yaml"))
 QUIET = ["--trainer.enable_progress_bar", "false"]
@@ -112,7 +111,7 @@ def test_resume_continues_buffer_counters_and_optimisers(peg_base, tmp_path, mon
 
 
 @pytest.mark.parametrize("change, error", [
-    ({"method": "sac"}, "unknown method 'sac'; choose from dsrl, residual, expo, dppo"),
+    ({"method": "sac"}, "unknown method 'sac'; choose from dppo, dsrl, expo, recap, residual"),
     ({"demos": "peg"}, "dsrl learns from its own rollouts only"),
     ({"policy": "runs/no_such_base"}, "labkit fit --config configs/flow_peg.yaml"),
 ])
@@ -165,3 +164,21 @@ def test_evaluation_is_seeded_and_leaves_training_randomness_alone(peg_base, tmp
             torch.testing.assert_close(b["state_dict"][k], v, msg=k)
     evals = [_evals(r.parents[1]) for r in runs]
     assert evals[0][0]["eval/success"] == evals[1][0]["eval/success"]  # the base, before training
+
+
+def test_rl_checkpoints_embed_their_base_policy(peg_base, tmp_path, monkeypatch):
+    # Moving or deleting the base policy's file does not break an RL run's checkpoint.
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    base = Path(shutil.copy(peg_base, tmp_path / "base.ckpt"))
+    _fit(_small_config(next(c for c in CONFIGS if c.stem == "dsrl_peg"), base, tmp_path))
+    last = tmp_path / "runs" / "dsrl_peg" / "version_0" / "checkpoints" / "last.ckpt"
+    obs = {"state": np.linspace(-0.1, 0.1, 24, dtype=np.float32).reshape(3, 8)}
+    before = load_agent(last).eval_policy()
+    before.reset()
+    want = before.select_action(obs)
+    base.unlink()
+    after = load_agent(last).eval_policy()
+    after.reset()
+    np.testing.assert_array_equal(after.select_action(obs), want)

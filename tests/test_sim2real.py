@@ -5,8 +5,7 @@ import numpy as np
 import pytest
 
 import labkit  # noqa: F401  (headless GL first)
-from labkit.data import DATASETS
-from labkit.data import load_dataset
+from labkit.data import DATASETS, load_dataset
 from labkit.sim2real import ARM, TWIN, RobotEnv, cem, concat_episodes, identify, replay, trajectory_error
 
 
@@ -59,6 +58,12 @@ def test_concat_episodes_repeats_and_windows(arm):
     assert joined.num_episodes == 5
     assert len(joined) == len(a) + 3 * len(b)
     np.testing.assert_array_equal(joined.episode(4)["action"], b.episode(0)["action"])
+    np.testing.assert_array_equal(joined.frames["index"], np.arange(len(joined)))
+    np.testing.assert_array_equal(joined.frames["episode_index"], np.repeat(np.arange(5), joined.lengths))
+    np.testing.assert_array_equal(joined.episode(3)["frame_index"], b.episode(0)["frame_index"])
+    union = np.concatenate([a.frames["action"], *[b.frames["action"]] * 3])
+    np.testing.assert_allclose(joined.stats["action"]["mean"], union.mean(0), rtol=1e-5, atol=1e-7)
+    assert joined.info["features"] == a.info["features"] and joined.info["total_episodes"] == 5
     w = joined.windows(2, 16)
     assert w["action"].shape == (len(joined), 16, 6)
     with pytest.raises(ValueError):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import labkit  # noqa: F401  (before anything imports mujoco: picks the GL backend, registers tasks)
-import labkit.cli
+import labkit.data
 from labkit.data import load_dataset
 from labkit.eval import evaluate
 from labkit.rewards.verifier import (
@@ -109,7 +109,7 @@ def test_failed_chunks_picks_the_failing_ends():
 
 @pytest.fixture(scope="module")
 def trained(base_policy, demos):
-    more = load_dataset(labkit.cli.DATASETS / "detour").select(range(40))
+    more = load_dataset(labkit.data.DATASETS / "detour").select(range(40))
     cfg = VerifierConfig(hidden=64, embed_dim=32, steps=300, batch_size=128, seed=0)
     return fit_verifier(base_policy, more, cfg)
 
@@ -118,7 +118,7 @@ def test_verifier_training_ranks_held_out_demos_above_perturbations(base_policy,
     verifier, losses = trained
     assert np.isfinite(losses).all()
     assert np.mean(losses[-30:]) < np.mean(losses[:10]) - 0.5  # the contrastive loss falls
-    held = verifier_data(base_policy, load_dataset(labkit.cli.DATASETS / "detour").select(range(190, 200)))
+    held = verifier_data(base_policy, load_dataset(labkit.data.DATASETS / "detour").select(range(190, 200)))
     E = base_policy.config.n_action_steps
     pos = critic_action(held["chunk"], E)
     gen = torch.Generator().manual_seed(1)
@@ -129,7 +129,7 @@ def test_verifier_training_ranks_held_out_demos_above_perturbations(base_policy,
 
 
 def test_failed_chunks_as_hard_negatives_are_learned(base_policy):
-    demos = load_dataset(labkit.cli.DATASETS / "detour").select(range(6))
+    demos = load_dataset(labkit.data.DATASETS / "detour").select(range(6))
     held = verifier_data(base_policy, demos)
     # Fake "failures": each demo chunk with its y velocity raised by 0.3 (normalised), at the demo's own
     # state. In-batch negatives alone separate these only partly; given as failures, they are rejected.

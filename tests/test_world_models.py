@@ -9,8 +9,7 @@ import torch
 
 import labkit  # noqa: F401
 import labkit.world_models as W
-from labkit.data import DATASETS
-from labkit.data import load_dataset
+from labkit.data import DATASETS, load_dataset
 from labkit.eval import evaluate
 from labkit.world_models.planning import BestOfNPlanner, CEMPlanner, ValueFunction, score_chunks
 
@@ -119,6 +118,10 @@ def test_dataset_from_episodes_trains(demos):
     eps = W.episodes_from_dataset(demos.select(range(3)))
     ds = W.dataset_from_episodes(eps, demos)
     assert ds.num_episodes == 3 and len(ds) == sum(len(e["action"]) for e in eps)
+    for i, e in enumerate(eps):
+        np.testing.assert_array_equal(ds.episode(i)["observation.state"], e["state"][: len(e["action"])])
+        np.testing.assert_array_equal(ds.episode(i)["frame_index"], np.arange(len(e["action"])))
+    assert ds.stats is demos.stats and ds.episodes["success"].tolist() == [e["success"] for e in eps]
     w = ds.windows(2, 16)
     assert w["action"].shape == (len(ds), 16, 2)
 

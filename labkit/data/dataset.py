@@ -32,6 +32,75 @@ class EpisodeDataset:
         self.episode_to = np.asarray(episode_to, np.int64)
         self.tasks, self.root = tasks or [], root
 
+    @classmethod
+    def from_episodes(cls, episodes: list[dict[str, np.ndarray]], fps: float | None = None, success=None,
+                      columns: dict[str, np.ndarray] | None = None, stats: dict[str, dict] | None = None,
+                      like: EpisodeDataset | None = None, tasks: list[str] | None = None) -> EpisodeDataset:
+        """An in-memory dataset of `episodes`, each a {feature: [T, ...]} dict (the same features in every
+        episode, all T long in one episode), laid end to end in the order given.
+
+        Frames: the episodes' features, then the index columns episode_index, frame_index and index
+        (recomputed if the episodes carry them), then "next.success" (True on each successful episode's
+        last frame) when `success` (one flag per episode) is given and the episodes have no such column,
+        then `columns`: extra per-frame arrays over all frames (e.g. labels). The episodes table:
+        episode_index, length and, with `success`, success. Features are read off the arrays.
+        `like` (a dataset the episodes come from or resemble) lends its info (fps, feature metadata),
+        tasks and, under the recomputed ones, its stats (image stats, say). Stats: `stats` as given, or
+        else computed on every numeric non-image column (as `select` does)."""
+        if not episodes:
+            raise ValueError("no episodes to build a dataset from")
+        if fps is None and like is None:
+            raise ValueError("give the dataset's fps (or a dataset `like` to take it from)")
+        bookkeeping = ("episode_index", "frame_index", "index")
+        keys = [k for k in episodes[0] if k not in bookkeeping]
+        lengths = []
+        for i, ep in enumerate(episodes):
+            if set(ep) - set(bookkeeping) != set(keys):
+                raise ValueError(f"episode {i} has features {sorted(ep)}; episode 0 has {sorted(keys)}")
+            n = {len(ep[k]) for k in keys}
+            if len(n) != 1 or 0 in n:
+                raise ValueError(f"episode {i}: every feature needs the same number (>= 1) of frames, got "
+                                 f"{ {k: len(ep[k]) for k in keys} }")
+            lengths.append(n.pop())
+        lengths = np.asarray(lengths, np.int64)
+        to = np.cumsum(lengths)
+        total = int(to[-1])
+        frames = {k: np.concatenate([np.asarray(ep[k]) for ep in episodes]) for k in keys}
+        frames["episode_index"] = np.repeat(np.arange(len(episodes)), lengths)
+        frames["frame_index"] = np.concatenate([np.arange(n) for n in lengths])
+        frames["index"] = np.arange(total)
+        table = {"episode_index": np.arange(len(episodes)), "length": lengths}
+        if success is not None:
+            success = np.asarray(success, bool)
+            if success.shape != (len(episodes),):
+                raise ValueError(f"success needs one flag per episode ({len(episodes)}), got shape {success.shape}")
+            table["success"] = success
+            if "next.success" not in frames:
+                frames["next.success"] = np.zeros(total, bool)
+                frames["next.success"][to - 1] = success
+        for key, values in (columns or {}).items():
+            if len(values) != total:
+                raise ValueError(f"column {key!r} needs one value per frame ({total}), got {len(values)}")
+            frames[key] = np.asarray(values)
+        features = {k: {"dtype": str(v.dtype), "shape": list(v.shape[1:]) or [1]} for k, v in frames.items()}
+        if like is None:
+            info = {"fps": float(fps), "features": features}
+        else:
+            info = copy.deepcopy(like.info)
+            info["features"] = {**features, **info.get("features", {})}
+            if fps is not None:
+                info["fps"] = float(fps)
+            if "splits" in info:
+                info["splits"] = {"train": f"0:{len(episodes)}"}
+        info.update(total_episodes=len(episodes), total_frames=total)
+        if stats is None:
+            stats = compute_stats(frames, info["features"], images=False)
+            if like is not None:
+                stats = {**copy.deepcopy(like.stats), **stats}
+        if tasks is None and like is not None:
+            tasks = like.tasks
+        return cls(frames, to - lengths, to, info, stats, table, tasks)
+
     # ---- basic access -----------------------------------------------------------------------------
     @property
     def num_episodes(self) -> int:

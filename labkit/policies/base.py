@@ -24,17 +24,6 @@ from labkit.data.keys import env_key
 from labkit.policies.runtime import ChunkRuntime
 from labkit.training import log_loss
 
-# Classes that `load_policy` may rebuild: an allowlist, so a checkpoint cannot name arbitrary code.
-POLICY_CLASSES = {
-    "BCPolicy": "labkit.policies.bc:BCPolicy",
-    "DiffusionPolicy": "labkit.policies.diffusion:DiffusionPolicy",
-    "FlowPolicy": "labkit.policies.flow:FlowPolicy",
-    "PostBCFlowPolicy": "labkit.policies.postbc:PostBCFlowPolicy",
-    "PostBCDiffusionPolicy": "labkit.policies.postbc:PostBCDiffusionPolicy",
-    "AdvantageFlowPolicy": "labkit.rl.recap:AdvantageFlowPolicy",
-}
-
-
 # Env options that change what the state and the action mean, with their defaults: a policy is rolled
 # out with the values it was trained with. (Physics options such as friction stay the caller's choice;
 # obs_mode only adds observations, and a pixel policy already fails clearly without pixels.)
@@ -96,7 +85,14 @@ class Policy(ChunkRuntime, L.LightningModule):
     """Base class: normalisation, the runtime contract, optimiser and checkpointing."""
 
     config_class: type[PolicyConfig] = PolicyConfig
+    # Classes that `load_policy` may rebuild, by name: every Policy subclass registers itself here when
+    # it is defined, so a checkpoint can only name policy code, never arbitrary code.
+    registry: dict[str, type[Policy]] = {}
     data_env: dict = {}  # set per policy in __init__ (a plain attribute here, where wrappers have a property)
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        Policy.registry[cls.__name__] = cls
 
     def __init__(self, config: PolicyConfig | dict, shapes: dict[str, list[int]], stats: dict[str, dict],
                  env: dict | None = None):
@@ -231,11 +227,15 @@ class Policy(ChunkRuntime, L.LightningModule):
         return frame, bool(single)
 
     # ---- checkpoints --------------------------------------------------------------------------
+    def checkpoint(self) -> dict:
+        """What `save` writes and `policy_from_checkpoint` rebuilds: weights, normaliser, config, shapes, env."""
+        return {"hyper_parameters": dict(self.hparams), "state_dict": self.state_dict()}
+
     def save(self, path: str | Path) -> Path:
         """Write a checkpoint that `labkit.load_policy` rebuilds: weights, normaliser, config, shapes."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"hyper_parameters": dict(self.hparams), "state_dict": self.state_dict()}, path)
+        torch.save(self.checkpoint(), path)
         return path
 
 
@@ -251,12 +251,19 @@ def load_policy(path: str | Path, map_location: str | torch.device = "cpu") -> P
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated file, not a torch file, or an unsafe pickle
         raise ValueError(f"cannot read checkpoint {path}: {e}") from e
+    return policy_from_checkpoint(ckpt, str(path))
+
+
+def policy_from_checkpoint(ckpt: dict, source: str = "the checkpoint") -> Policy:
+    """Rebuild a policy from a checkpoint's contents ({"hyper_parameters", "state_dict"}), in eval mode.
+    The class must be a registered Policy subclass (every one in `labkit.policies`)."""
+    import labkit.policies  # noqa: F401  (every policy class registers itself on import)
+
     hp = ckpt.get("hyper_parameters", {}) if isinstance(ckpt, dict) else {}
     name = hp.get("policy_class")
-    if name not in POLICY_CLASSES:
-        raise ValueError(f"{path} is not a labkit policy checkpoint (policy_class={name!r}; known: {sorted(POLICY_CLASSES)})")
-    module, cls_name = POLICY_CLASSES[name].split(":")
-    cls = getattr(__import__(module, fromlist=[cls_name]), cls_name)
-    policy = cls(hp["config"], hp["shapes"], hp["stats"], hp.get("env"))
+    if name not in Policy.registry:
+        raise ValueError(f"{source} is not a labkit policy checkpoint (policy_class={name!r}; "
+                         f"known: {sorted(Policy.registry)})")
+    policy = Policy.registry[name](hp["config"], hp["shapes"], hp["stats"], hp.get("env"))
     policy.load_state_dict(ckpt["state_dict"])
     return policy.eval()

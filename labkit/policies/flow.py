@@ -34,17 +34,25 @@ class FlowConfig(GenerativeConfig):
             raise ValueError(f"noise_scale must be > 0 (it is the std of stochastic steps), got {self.noise_scale}")
 
 
+def linear_path(action: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A flow-matching training point on the linear path for chunks `action` [B, H, A]: draws
+    x0 ~ N(0, I) (first) and t ~ U[0, 1] [B] (second) and returns (x_t, t, target velocity a - x0),
+    x_t = (1 - t) x0 + t a. Every flow policy's loss regresses its velocity at (x_t, t) on the target."""
+    x0 = torch.randn_like(action)
+    t = torch.rand(len(action), device=action.device)
+    x_t = (1 - t.view(-1, 1, 1)) * x0 + t.view(-1, 1, 1) * action
+    return x_t, t, action - x0
+
+
 class FlowPolicy(GenerativePolicy):
     """A velocity field v_theta(x_t, t, obs) over the normalised action chunk."""
 
     config_class = FlowConfig
 
     def loss(self, obs, action, is_pad):
-        x0 = torch.randn_like(action)
-        t = torch.rand(len(action), device=action.device)
-        x_t = (1 - t.view(-1, 1, 1)) * x0 + t.view(-1, 1, 1) * action
+        x_t, t, target = linear_path(action)
         pred = self.model["denoiser"](x_t, t, self.model["encoder"](obs))
-        return self.chunk_loss(pred, action - x0, is_pad)
+        return self.chunk_loss(pred, target, is_pad)
 
     def step_distribution(self, net, feat, x, i, steps, stochastic):
         """One Euler (or Euler-Maruyama) step from t = i/K to (i+1)/K."""

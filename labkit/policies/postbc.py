@@ -28,6 +28,7 @@ import torch
 from labkit.policies.bc import BCConfig, BCPolicy
 from labkit.policies.diffusion import DiffusionConfig, DiffusionPolicy
 from labkit.policies.flow import FlowConfig, FlowPolicy
+from labkit.training import minibatch_fit
 
 
 # ---- tabular ------------------------------------------------------------------------------------
@@ -55,8 +56,9 @@ def ensemble_spread(template, tensors: dict, size: int = 5, steps: int = 1000, b
     """Per-window std [N, H, A] (physical action units) of `size` BC regressors, each trained on a
     bootstrap resample of the episodes in `tensors` (from `window_tensors`, with its "episode" key).
 
-    The members share `template`'s observation keys, chunking, shapes and normaliser. A plain loop,
-    not Lightning: these are small auxiliary models and the loop is the whole of their training.
+    The members share `template`'s observation keys, chunking, shapes and normaliser. A plain loop
+    (`labkit.training.minibatch_fit`: AdamW, cosine schedule), not Lightning: these are small
+    auxiliary models and the loop is the whole of their training.
     """
     c = template.config
     episodes = tensors["episode"]
@@ -72,19 +74,14 @@ def ensemble_spread(template, tensors: dict, size: int = 5, steps: int = 1000, b
         cfg = BCConfig(obs_keys=c.obs_keys, obs_horizon=c.obs_horizon, horizon=c.horizon,
                        n_action_steps=c.n_action_steps, hidden=hidden, layers=layers)
         member = BCPolicy(cfg, template.shapes, template.stats, template.data_env)
-        opt = torch.optim.AdamW(member.parameters(), lr=1e-3, weight_decay=1e-6)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-        member.train()
-        for _ in range(steps):
-            idx = torch.multinomial(weight, batch_size, replacement=True, generator=gen)
+
+        def loss(idx, member=member):
             obs = member.normalize_obs({key: v[idx] for key, v in tensors["obs"].items()})
             action = member.normalizer.normalize("action", tensors["action"][idx])
-            loss = member.loss(obs, action, tensors["action_is_pad"][idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-        member.eval()
+            return member.loss(obs, action, tensors["action_is_pad"][idx])
+
+        minibatch_fit(member, loss, steps=steps, batch_size=batch_size, lr=1e-3, optimizer="adamw",
+                      weight_decay=1e-6, schedule="cosine", weights=weight, generator=gen)
         with torch.no_grad():
             preds.append(torch.cat([member.predict_action_chunk({key: v[i:i + 4096] for key, v in tensors["obs"].items()})
                                     for i in range(0, len(episodes), 4096)]))

@@ -26,6 +26,7 @@ from torch import nn
 
 from labkit.nn import mlp
 from labkit.rl.best_of_n import critic_action, critic_obs
+from labkit.training import minibatch_fit
 
 PERTURBATIONS = ("noise", "shift", "mirror", "speed")
 
@@ -219,7 +220,6 @@ def fit_verifier(policy, dataset, config: VerifierConfig | None = None, failed: 
     torch.manual_seed(c.seed)
     gen = torch.Generator().manual_seed(c.seed)
     verifier = ChunkVerifier(x.shape[1], E * chunks.shape[2], c)
-    opt = torch.optim.AdamW(verifier.parameters(), lr=c.lr, weight_decay=c.weight_decay)
 
     n_failed = 0
     if failed is not None and len(failed["chunk"]):
@@ -230,9 +230,7 @@ def fit_verifier(policy, dataset, config: VerifierConfig | None = None, failed: 
     n_demo = c.batch_size - n_failed
     k = c.negatives if c.perturbations else 0
 
-    losses = []
-    for _ in range(c.steps):
-        idx = torch.randint(0, len(x), (n_demo,), generator=gen)
+    def loss_fn(idx):  # n_demo demo anchors, then the failed chunks' anchors and the negatives (drawn from gen)
         slots, masks = [], []
         if n_failed:
             f = torch.randint(0, len(fa), (n_failed,), generator=gen)
@@ -250,13 +248,11 @@ def fit_verifier(policy, dataset, config: VerifierConfig | None = None, failed: 
             neg = torch.cat(slots, 1)  # [B, K, d]
             hard = verifier.h(neg.flatten(0, 1)).view(len(idx), neg.shape[1], -1)
             mask = torch.cat(masks, 1)
-        loss = info_nce(e_x, e_a, verifier.logit_scale, hard, mask)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        verifier.clamp_()
-        losses.append(loss.item())
-    return verifier.eval(), losses
+        return info_nce(e_x, e_a, verifier.logit_scale, hard, mask)
+
+    losses = minibatch_fit(verifier, loss_fn, len(x), c.steps, n_demo, c.lr, optimizer="adamw",
+                           weight_decay=c.weight_decay, generator=gen, after_step=lambda *_: verifier.clamp_())
+    return verifier, losses.tolist()
 
 
 @torch.no_grad()

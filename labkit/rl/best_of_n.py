@@ -20,14 +20,15 @@ where R_t is the chunk's summed reward over its k executed steps and discount_t 
 
 from __future__ import annotations
 
-import gymnasium as gym
 import numpy as np
 import torch
 
+from labkit.data.keys import env_key
 from labkit.rl.buffer import flatten_obs
 from labkit.rl.critics import QEnsemble, min_of_random_subset
-from labkit.rl.loop import ChunkRuntime, PolicyChunkEnv
+from labkit.rl.loop import ChunkRuntime
 from labkit.rl.returns import chunk_discount
+from labkit.training import minibatch_fit
 
 # ---- the chunk-critic convention -------------------------------------------------------------------
 
@@ -159,36 +160,61 @@ def dataset_chunks(dataset, policy, gamma: float = 0.99, max_episode_steps: int 
             "return": _mc_returns(reward, discount, nxt, ends)}
 
 
+class _SampledChunks(ChunkRuntime):
+    """`policy` with a fresh noise sample per chunk, remembering every normalised chunk it predicts
+    ([B, H, A] per call; calls come every n_action_steps env steps, the envs in lockstep)."""
+
+    def __init__(self, policy):
+        self.policy, self.chunks = policy, []
+
+    def reset(self) -> None:
+        super().reset()
+        self.chunks.append([])  # one list of calls per batch of episodes
+
+    def predict_action_chunk(self, history):
+        chunk = sample_chunks(self.policy, self.policy.normalize_obs(history), 1)[:, 0]
+        self.chunks[-1].append(chunk)
+        return self.policy.normalizer.unnormalize("action", chunk)
+
+
+def _history_at(obs: dict[str, np.ndarray], t: int, horizon: int) -> dict[str, torch.Tensor]:
+    """The observation history at step t of one episode's observations {key: [T+1, ...]}, as a batch of one
+    (the first observation repeated before the episode's start, as the runtime does)."""
+    rows = np.maximum(np.arange(t - horizon + 1, t + 1), 0)
+    return {k: torch.as_tensor(v[rows], dtype=torch.float32)[None] for k, v in obs.items()}
+
+
 @torch.no_grad()
 def collect_chunks(policy, env_id: str, episodes: int, seed: int = 0, gamma: float = 0.99,
-                   env_kwargs: dict | None = None) -> dict:
-    """Roll out `policy` (a fresh noise sample per chunk) for seeded episodes and return its chunk
-    transitions with Monte-Carlo returns: {"obs", "action", "chunk", "reward", "next_obs", "discount",
-    "return", "success" (per episode)}; a time-limit truncation is treated like an end (G = R there)."""
-    import labkit.envs  # noqa: F401  (registers the tasks)
+                   env_kwargs: dict | None = None, num_envs: int = 10) -> dict:
+    """Roll out `policy` (a fresh noise sample per chunk) for seeded episodes through `labkit.eval.rollout`
+    and return its chunk transitions with Monte-Carlo returns: {"obs", "action", "chunk", "reward",
+    "next_obs", "discount", "return", "success" (per episode)}; a time-limit truncation is treated like
+    an end (G = R there)."""
+    from labkit.eval import rollout
 
-    env = PolicyChunkEnv(gym.make(env_id, **(env_kwargs or {})), policy)
-    E = policy.config.n_action_steps
-    rows, success = [], []
-    for i in range(episodes):
-        obs, _ = env.reset(seed=seed + i)
-        done, ok = False, False
-        while not done:
-            hist = env.history()
-            chunk = sample_chunks(policy, policy.normalize_obs(hist), 1)[:, 0]
-            next_obs, reward, term, trunc, info = env.step(chunk[0].numpy())
-            done, ok = term or trunc, ok or info["is_success"]
-            rows.append((hist, chunk, reward, env.history(), chunk_discount(info["chunk_steps"], term, gamma), done))
-        success.append(ok)
+    c = policy.config
+    E, To = c.n_action_steps, c.obs_horizon
+    runtime = _SampledChunks(policy)
+    eps = rollout(runtime, env_id, range(seed, seed + episodes), env_kwargs, num_envs, keep=("obs", "rewards"))
+    rows = []
+    for i, e in enumerate(eps):
+        calls = runtime.chunks[i // num_envs]
+        obs = {k: e.obs[env_key(k)] for k in c.obs_keys}
+        for n, start in enumerate(range(0, e.length, E)):
+            k = min(E, e.length - start)
+            last = start + k >= e.length
+            rows.append((_history_at(obs, start, To), calls[n][i % num_envs][None], float(e.rewards[start:start + k].sum()),
+                         _history_at(obs, start + k, To), chunk_discount(k, last and e.terminated, gamma), last))
     obs = {k: torch.cat([r[0][k] for r in rows]) for k in rows[0][0]}
     chunk = torch.cat([r[1] for r in rows])
     reward = torch.tensor([r[2] for r in rows], dtype=torch.float32)
-    discount = torch.stack([r[4] for r in rows])
+    discount = torch.stack([torch.as_tensor(r[4]) for r in rows])
     ends = torch.tensor([r[5] for r in rows])
     nxt = torch.arange(len(rows)) + 1
     return {"obs": obs, "action": critic_action(chunk, E), "chunk": chunk.flatten(1), "reward": reward,
             "next_obs": {k: torch.cat([r[3][k] for r in rows]) for k in obs}, "discount": discount,
-            "return": _mc_returns(reward, discount, nxt, ends), "success": np.array(success)}
+            "return": _mc_returns(reward, discount, nxt, ends), "success": np.array([e.success for e in eps])}
 
 
 def fit_chunk_critic(policy, data: dict, steps: int = 2000, hidden: tuple[int, ...] = (256, 256),
@@ -200,17 +226,9 @@ def fit_chunk_critic(policy, data: dict, steps: int = 2000, hidden: tuple[int, .
     if "return" not in data:
         raise KeyError("data needs Monte-Carlo returns under 'return' (see collect_chunks / dataset_chunks)")
     torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
     x = critic_obs(policy, policy.normalize_obs(data["obs"]))
     a, g = data["action"], data["return"]
     critic = QEnsemble(x.shape[1], a.shape[1], hidden, ensemble=ensemble, layer_norm=True)
-    opt = torch.optim.Adam(critic.parameters(), lr=lr)
-    losses = []
-    for _ in range(steps):
-        idx = torch.randint(0, len(g), (batch_size,), generator=gen)
-        loss = (critic(x[idx], a[idx]) - g[idx]).pow(2).mean(1).sum()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return critic.eval(), losses
+    losses = minibatch_fit(critic, lambda idx: (critic(x[idx], a[idx]) - g[idx]).pow(2).mean(1).sum(), len(g),
+                           steps, batch_size, lr, seed)
+    return critic, losses.tolist()

@@ -29,7 +29,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -38,10 +37,10 @@ import numpy as np
 import torch
 from gymnasium.vector import AutoresetMode, SyncVectorEnv
 from torch import nn
-from tqdm.auto import tqdm
 
 from labkit.nn import mlp
 from labkit.policies.generative import GenerativePolicy, SampleResult
+from labkit.rl.agent import RL_EVAL_SEED, Agent
 from labkit.rl.buffer import flatten_obs
 from labkit.rl.loop import ChunkRuntime, PolicyChunkEnv
 from labkit.rl.returns import chunk_discount, gae
@@ -191,16 +190,18 @@ class DPPOConfig:
             raise ValueError(f"logprob_clamp must be (low, high) with low < high, got {self.logprob_clamp}")
 
 
-class DPPO:
+class DPPO(Agent):
     """PPO on the last K' denoising steps of a (deep-copied) diffusion or flow policy.
 
         agent = DPPO(flow_policy, "labkit/Detour-v0", DPPOConfig(num_envs=8))
-        history = agent.train(iterations=50, eval_every=10, eval_episodes=50)
+        history = agent.train(steps=50, eval_every=10, eval_episodes=50)   # steps = PPO iterations
         agent.evaluate(episodes=50)          # the finetuned chain; flow_policy itself is unchanged
 
     `env_wrapper` wraps each training env (e.g. `lambda e: labkit.rewards.LearnedReward(e, model)` to train
     on a learned reward); evaluation always runs the plain task, so it measures the true success.
     """
+
+    name, method = "DPPO", "dppo"
 
     def __init__(self, policy: GenerativePolicy, env_id: str, config: DPPOConfig | dict | None = None,
                  env_kwargs: dict | None = None, env_wrapper: Callable[[gym.Env], gym.Env] | None = None):
@@ -382,31 +383,28 @@ class DPPO:
         return {**out, "updates": len(logs), "kl_stop": stopped, "actor_trained": train_actor}
 
     # ---- the loop -------------------------------------------------------------------------------
-    def finetuned_policy(self, stochastic: bool = False) -> DPPOPolicy:
+    def eval_policy(self, stochastic: bool = False) -> DPPOPolicy:
         """The finetuned chain as a runtime policy for `labkit.eval.evaluate` (deterministic by default,
         as DPPO evaluates; stochastic=True samples as in training, with the std floor)."""
         return DPPOPolicy(self, stochastic)
 
-    eval_policy = finetuned_policy  # the name the off-policy methods use
-
-    def evaluate(self, episodes: int = 50, seed: int = 10_000, stochastic: bool = False, progress: bool = False):
+    def evaluate(self, episodes: int = 50, seed: int = RL_EVAL_SEED, stochastic: bool = False, progress: bool = False):
         """`labkit.eval.evaluate` of the finetuned chain (compare with evaluate(agent.base, ...))."""
         from labkit.eval import evaluate
 
-        return evaluate(self.finetuned_policy(stochastic), self.env_id, episodes, seed, env_kwargs=self.env_kwargs,
+        return evaluate(self.eval_policy(stochastic), self.env_id, episodes, seed, env_kwargs=self.env_kwargs,
                         progress=progress)
 
-    def iterate(self) -> dict:
-        """One PPO iteration (collect, then update); returns its row: iteration, env_steps, episodes,
-        train_success / train_return of the episodes that ended in it, and the update's losses."""
+    def step(self) -> dict:
+        """One PPO iteration (collect, then update): the update's losses, approx_kl and clipfrac, and
+        "ended": (return, success) of the training episodes that ended in its rollouts."""
         batch = self.collect()
         stats = self.update(batch)
         self.iteration += 1
-        finished = batch["finished"]
-        return {"iteration": self.iteration, "env_steps": self.env_steps, "episodes": self.episodes,
-                "train_success": float(np.mean([s for s, _ in finished])) if finished else float("nan"),
-                "train_return": float(np.mean([r for _, r in finished])) if finished else float("nan"),
-                **stats}
+        return {**stats, "ended": [(r, s) for s, r in batch["finished"]]}
+
+    def counters(self) -> dict:
+        return {"env_steps": self.env_steps, "iteration": self.iteration, "episodes": self.episodes}
 
     def training_state(self) -> dict:
         """Counters (networks and optimisers are saved by whoever holds them, e.g. a Lightning checkpoint)."""
@@ -419,46 +417,6 @@ class DPPO:
         self._obs, _ = self.envs.reset(seed=self.config.seed + 1000 * self.iteration)
         self._ep_return[:] = 0.0
         self._sync_ema()
-
-    def train(self, iterations: int | None = None, env_steps: int | None = None, eval_every: int | None = None,
-              eval_episodes: int = 20, eval_seed: int = 10_000, progress: bool = True) -> list[dict]:
-        """Run PPO iterations (collect num_envs * n_steps decisions, then update) until `iterations` more
-        have run or `env_steps` more env steps have been taken. Evaluates every `eval_every` iterations
-        (and before the first one, and after the last). Returns one dict per iteration: env_steps,
-        train_success / train_return (episodes ended in that iteration's rollouts), losses, approx_kl,
-        clipfrac, and success / eval_return where evaluated."""
-        if (iterations is None) == (env_steps is None):
-            raise ValueError("give exactly one of iterations or env_steps")
-        if eval_every is not None and eval_every < 1:
-            raise ValueError(f"eval_every must be >= 1 (or None), got {eval_every}")
-        start_it, start_steps = self.iteration, self.env_steps
-        history: list[dict] = []
-
-        def evaluated(row: dict) -> dict:
-            if eval_episodes > 0:
-                result = self.evaluate(eval_episodes, eval_seed)
-                row.update(success=result.success_rate, eval_return=float(result.returns.mean()))
-            return row
-
-        if eval_every and self.iteration == 0:
-            history.append(evaluated({"iteration": 0, "env_steps": self.env_steps}))
-        total = iterations if iterations is not None else env_steps
-        bar = tqdm(total=total, desc="DPPO", disable=not progress)
-        while (self.iteration - start_it < iterations) if iterations is not None else \
-                (self.env_steps - start_steps < env_steps):
-            t0, before = time.perf_counter(), self.env_steps
-            row = self.iterate()
-            last = (self.iteration - start_it >= iterations) if iterations is not None else \
-                (self.env_steps - start_steps >= env_steps)
-            if eval_every and (self.iteration % eval_every == 0 or last):
-                evaluated(row)
-            row["seconds"] = time.perf_counter() - t0
-            history.append(row)
-            bar.update(1 if iterations is not None else min(self.env_steps - start_steps, total) -
-                       min(before - start_steps, total))
-            bar.set_postfix({k: f"{row[k]:.3g}" for k in ("train_success", "success", "value_loss") if k in row})
-        bar.close()
-        return history
 
     def state_dict(self) -> dict:
         """The trained parts: the finetuned policy's weights, the value net, the config."""

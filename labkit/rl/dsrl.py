@@ -144,8 +144,10 @@ class DSRL(OffPolicyAgent):
 
         agent = DSRL(flow_policy, "labkit/Detour-v0", DSRLConfig(utd=10))
         history = agent.train(env_steps=20_000, eval_every=5_000, eval_episodes=50)
-        labkit.eval.evaluate(agent.steered_policy(), "labkit/Detour-v0", episodes=50)
+        labkit.eval.evaluate(agent.eval_policy(), "labkit/Detour-v0", episodes=50)
     """
+
+    method = "dsrl"
 
     def __init__(self, policy, env_id: str, config: DSRLConfig | dict | None = None,
                  env_kwargs: dict | None = None):
@@ -267,12 +269,10 @@ class DSRL(OffPolicyAgent):
         self.log.append(out)
         return out
 
-    # ---- evaluation (the loop itself is OffPolicyAgent.train) ------------------------------------
-    def steered_policy(self) -> SteeredPolicy:
+    # ---- evaluation (the loop itself is labkit.rl.train) ---------------------------------------------
+    def eval_policy(self) -> SteeredPolicy:
         """The base policy steered by the actor's deterministic (mode) noise, for `labkit.eval.evaluate`."""
         return SteeredPolicy(self.policy, self.actor, self.config.denoise_steps)
-
-    eval_policy = steered_policy
 
     def state_dict(self) -> dict:
         """The trained parts (the base policy is frozen and saved on its own)."""

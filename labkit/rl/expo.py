@@ -111,6 +111,7 @@ class EXPO(OffPolicyAgent):
     """
 
     name = "EXPO"
+    method, takes_demos = "expo", True
 
     def __init__(self, policy, env_id: str, config: EXPOConfig | dict | None = None, demos=None,
                  env_kwargs: dict | None = None):

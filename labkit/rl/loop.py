@@ -1,9 +1,8 @@
-"""The off-policy loop every finetuning method shares, and the two runtime pieces chunked methods share.
+"""The off-policy agent step every finetuning method shares, and the chunk-level env chunked methods share.
 
-    OffPolicyAgent  warm-up, then alternate one agent step of interaction (a chunk, or an env step)
-                    with `utd` gradient steps; periodic evaluation through `labkit.eval.evaluate`;
-                    a history of dicts {env_steps, updates, episodes, mean losses, train_return, success}.
-                    A method fills in `collect(random)`, `update()` and `eval_policy()`.
+    OffPolicyAgent  one agent step = warm-up or policy interaction (a chunk, or an env step), then `utd`
+                    gradient steps; the agent contract (`labkit.rl.agent`), so `train(agent, ...)` and
+                    `labkit fit` run it. A method fills in `collect(random)`, `update()` and `eval_policy()`.
     PolicyChunkEnv  the task as a chunked policy sees it: observation = the policy's observation history,
                     action = a normalised action chunk, of which `n_action_steps` are executed.
 (The runtime contract of wrappers around a base policy, ChunkRuntime, is `labkit.policies.runtime`'s.)
@@ -15,17 +14,18 @@ from `reset(seed=config.seed + i)`, so a run is reproducible; evaluation uses it
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
+from abc import abstractmethod
 
 import gymnasium as gym
 import numpy as np
 import torch
 from gymnasium import spaces
-from tqdm.auto import tqdm
 
 from labkit.data.keys import env_key
 from labkit.policies.runtime import ChunkRuntime, ObsHistory  # noqa: F401  (ChunkRuntime: the methods' import)
+from labkit.rl.agent import Agent
 from labkit.rl.wrappers import ChunkWrapper
+
 
 def frozen(policy):
     """The policy in eval mode with gradients off: a base that RL steers or corrects but never trains."""
@@ -34,15 +34,13 @@ def frozen(policy):
     return policy
 
 
-class OffPolicyAgent(ABC):
+class OffPolicyAgent(Agent):
     """The shared training loop. A subclass sets, in its `__init__`:
         self.config  with `warmup_steps`, `utd` and `seed`
         self.env_id, self.env_kwargs, self.buffer (the online replay buffer)
     and calls `self.start(env)`; `collect` advances `self.env_steps` and calls `self.advance(...)`;
     `update` appends its losses (a dict) to `self.log`.
     """
-
-    name = "agent"  # the progress bar's label
 
     def start(self, env: gym.Env) -> None:
         """Take `env` as the training env and begin the first episode (seeded by config.seed)."""
@@ -86,22 +84,30 @@ class OffPolicyAgent(ABC):
         """Extra numbers for the history row (e.g. a diagnostic counted while acting); reset after reading."""
         return {}
 
-    # ---- one step of the loop, and what a resumed run needs ----------------------------------------
+    # ---- the agent contract: one step, counters, and what a resumed run needs ---------------------------
     def step(self) -> dict:
         """One agent step: act (warm-up behaviour until `warmup_steps` env steps), then `utd` updates.
-        Returns collect's info plus "warm", and "episode_return"/"episode_success" when an episode ended."""
+        Returns the step's env reward, whether it was warm-up, the mean of its updates' losses, the
+        method's stats(), and "ended" [(return, success)] when an episode ended."""
         warm = self.warming_up()
         info = self.collect(random=warm)
         self._ep_return += float(info["reward"])
         self._ep_success = self._ep_success or bool(info.get("is_success", False))
+        out = {"reward": float(info["reward"]), "warm": float(warm), "ended": []}
         if info["episode_done"]:
-            info.update(episode_return=self._ep_return, episode_success=self._ep_success)
+            out["ended"] = [(self._ep_return, self._ep_success)]
             self._ep_return, self._ep_success = 0.0, False
+        since = len(self.log)
         if not warm:
             for _ in range(self.config.utd):
                 self.update()
-        info["warm"] = warm
-        return info
+        logs = self.log[since:]
+        out.update({k: float(np.mean([r[k] for r in logs if k in r])) for k in dict.fromkeys(k for r in logs for k in r)})
+        out.update(self.stats())
+        return out
+
+    def counters(self) -> dict:
+        return {"env_steps": self.env_steps, "updates": self.updates, "episodes": self.episodes}
 
     def training_state(self) -> dict:
         """Counters, the sampling generator and the online replay buffer (networks and optimisers are
@@ -127,60 +133,6 @@ class OffPolicyAgent(ABC):
         of its own, such as pending n-step transitions, extends this)."""
         self._obs = obs
         self._ep_return, self._ep_success = 0.0, False
-
-    # ---- evaluation and the loop --------------------------------------------------------------
-    def evaluate(self, episodes: int = 50, seed: int = 10_000, progress: bool = False):
-        """Success rate (with its Wilson interval) of `eval_policy()` over seeded episodes."""
-        from labkit.eval import evaluate
-
-        return evaluate(self.eval_policy(), self.env_id, episodes, seed, env_kwargs=self.env_kwargs,
-                        progress=progress)
-
-    def train(self, env_steps: int, eval_every: int | None = None, eval_episodes: int = 20,
-              progress: bool = True, eval_seed: int = 10_000) -> list[dict]:
-        """Warm up (until `config.warmup_steps` env steps have run), then alternate one agent step of
-        interaction with `utd` gradient steps until `env_steps` more env steps have run. Evaluates
-        every `eval_every` env steps and at the end. Returns the history: one dict per evaluation."""
-        if env_steps < 1:
-            raise ValueError(f"env_steps must be >= 1, got {env_steps}")
-        if eval_every is not None and eval_every < 1:
-            raise ValueError(f"eval_every must be >= 1 (or None: evaluate at the end only), got {eval_every}")
-        target = self.env_steps + env_steps
-        history: list[dict] = []
-        bar = tqdm(total=env_steps, desc=self.name, disable=not progress)
-        next_eval, since = (self.env_steps + eval_every) if eval_every else None, len(self.log)
-        returns, successes = [], []
-
-        def record() -> None:
-            nonlocal since
-            logs = self.log[since:]
-            keys = dict.fromkeys(k for r in logs for k in r)  # union, in first-seen order
-            row = {"env_steps": self.env_steps, "updates": self.updates, "episodes": self.episodes,
-                   **{k: float(np.mean([r[k] for r in logs if k in r])) for k in keys},
-                   "train_return": float(np.mean(returns[-20:])) if returns else float("nan"), **self.stats()}
-            if successes:
-                row["train_success"] = float(np.mean(successes[-20:]))
-            if eval_episodes > 0:
-                result = self.evaluate(eval_episodes, eval_seed)
-                row.update(success=result.success_rate, eval_return=float(result.returns.mean()))
-            history.append(row)
-            since = len(self.log)
-            bar.set_postfix({k: f"{row[k]:.3g}" for k in ("success", "critic_loss") if k in row})
-
-        while self.env_steps < target:
-            before = self.env_steps
-            info = self.step()
-            if info["episode_done"]:
-                returns.append(info["episode_return"])
-                successes.append(info["episode_success"])
-            bar.update(min(self.env_steps, target) - min(before, target))
-            if next_eval is not None and self.env_steps >= next_eval:
-                record()
-                next_eval += eval_every
-        if not history or history[-1]["env_steps"] != self.env_steps:
-            record()
-        bar.close()
-        return history
 
 
 class PolicyChunkEnv(ChunkWrapper):

@@ -19,10 +19,11 @@ usual" or not, and trains the policy by supervised flow matching *conditioned on
         beta = 0 is the unconditional policy, beta = 1 plain positive conditioning, beta > 1 sharper.
     Theory (CFGRL, Frans et al. 2025): pi(a|o, I=1) is proportional to pi_ref(a|o) p(I=1|o, a), an
     improvement over pi_ref; guidance raises p(I=1|o, a) to the power beta.
+    (The policy is `labkit.policies.advantage.AdvantageFlowPolicy`; this module is the loop that labels its data.)
 
 Interventions, in simulation: a failed rollout is replayed from its seed up to a few steps before the
 failure, and the task's scripted expert finishes it (earlier, with another seed, if it fails); the
-correction is kept beside the failure. Simplified against the paper: one task (no task input), an
+correction is kept beside the failure (`labkit.rl.interventions.Takeover`). Simplified against the paper: one task (no task input), an
 embedding for the indicator instead of text, the value on the policy's own observation window.
 Measured on Detour with demos + crashing BC rollouts + noisy-expert rollouts (200 eval episodes, two
 seeds): offline, RECAP beats flow on all data by far but not flow on the successes only. The value
@@ -37,7 +38,6 @@ them; beta 1.5-2 recovers most of the gap. Two online rounds with interventions 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import time
 from dataclasses import dataclass, field
 
@@ -46,22 +46,28 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
-from labkit.data.dataset import EpisodeDataset, compute_stats
-from labkit.eval import evaluate
-from labkit.policies.base import ENV_TO_DATA
-from labkit.policies.flow import FlowConfig, FlowPolicy
-from labkit.nn import EMA, make_denoiser, mlp
+from labkit.data.dataset import EpisodeDataset
+from labkit.data.keys import env_key
+from labkit.eval import evaluate, rollout
+from labkit.nn import mlp
+from labkit.policies.advantage import (  # noqa: F401  (the policy, moved; lesson 05 imports these from here)
+    ADVANTAGE_FIELDS,
+    INDICATOR,
+    NEGATIVE,
+    NULL,
+    POSITIVE,
+    AdvantageFlowConfig,
+    AdvantageFlowPolicy,
+    guidance_sweep,
+)
+from labkit.policies.flow import FlowPolicy
 from labkit.policies.train import fit, window_tensors
+from labkit.rl.agent import Agent
 from labkit.rl.buffer import flatten_obs
+from labkit.rl.interventions import INTERVENTION, Takeover, corrected_episode
 from labkit.rl.returns import nstep_returns
-
-INDICATOR = "advantage.indicator"  # per-frame dataset column (int64) the conditional policy trains on
-INTERVENTION = "intervention"  # per-frame dataset column (bool): an expert's correcting action
-NEGATIVE, POSITIVE, NULL = 0, 1, 2  # the indicator's three values; NULL = "no label" (unconditional)
-DATA_TO_ENV = {v: k for k, v in ENV_TO_DATA.items()}
-
+from labkit.training import minibatch_fit
 
 # ---- rewards, value, advantages, indicator ---------------------------------------------------------
 
@@ -111,23 +117,10 @@ class ValueModel(nn.Module):
 
 def fit_value(model: ValueModel, inputs: torch.Tensor, targets: torch.Tensor, steps: int = 1000,
               batch_size: int = 256, lr: float = 1e-3, seed: int = 0) -> np.ndarray:
-    """Train `model` on (inputs [N, D], targets [N]) by minibatch cross-entropy; returns the loss per step.
-    A plain loop: a small auxiliary model, as PostBC's ensemble."""
-    gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    losses = []
-    model.train()
-    for _ in range(steps):
-        idx = torch.randint(0, len(inputs), (batch_size,), generator=gen)
-        loss = model.loss(inputs[idx], targets[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-    model.eval()
-    return np.array(losses)
+    """Train `model` on (inputs [N, D], targets [N]) by minibatch cross-entropy (AdamW, cosine schedule);
+    returns the loss per step. A small auxiliary model: `labkit.training.minibatch_fit`, not Lightning."""
+    return minibatch_fit(model, lambda idx: model.loss(inputs[idx], targets[idx]), len(inputs), steps, batch_size,
+                         lr, seed, optimizer="adamw", weight_decay=1e-4, schedule="cosine")
 
 
 def nstep_advantages(rewards: torch.Tensor, episode_end: torch.Tensor, values: torch.Tensor, n: int) -> torch.Tensor:
@@ -150,151 +143,6 @@ def binarize(advantages, positive_fraction: float = 0.3, forced=None) -> tuple[n
     free = a[~forced]
     threshold = float(np.quantile(free, 1.0 - positive_fraction)) if len(free) else float("-inf")
     return (a > threshold) | forced, threshold
-
-
-# ---- the advantage-conditioned flow policy ---------------------------------------------------------
-
-@dataclass
-class AdvantageFlowConfig(FlowConfig):
-    null_dropout: float = 0.3  # training samples whose indicator is replaced by "null"
-    guidance: float = 1.0  # beta at inference: 0 unconditional, 1 positive, > 1 classifier-free guidance
-    indicator_dim: int = 16  # width of the indicator embedding appended to the observation features
-
-    def __post_init__(self):
-        super().__post_init__()
-        if not 0.0 <= self.null_dropout < 1.0:
-            raise ValueError(f"null_dropout is a probability in [0, 1), got {self.null_dropout}")
-        if self.guidance < 0:
-            raise ValueError(f"guidance (beta) must be >= 0, got {self.guidance}")
-        if self.indicator_dim < 1:
-            raise ValueError(f"indicator_dim must be >= 1, got {self.indicator_dim}")
-
-
-ADVANTAGE_FIELDS = {f.name for f in dataclasses.fields(AdvantageFlowConfig)} - {
-    f.name for f in dataclasses.fields(FlowConfig)}
-
-
-class AdvantageFlowPolicy(FlowPolicy):
-    """A FlowPolicy whose denoiser also sees an embedded indicator (negative / positive / null), and
-    samples with classifier-free guidance `guidance` (beta). Training needs the dataset column
-    `advantage.indicator` (0 negative, 1 positive; 2 null); everything else is FlowPolicy."""
-
-    config_class = AdvantageFlowConfig
-
-    def __init__(self, config, shapes, stats, env=None):
-        super().__init__(config, shapes, stats, env)
-        c, encoder = self.config, self.model["encoder"]
-        # The indicator joins the observation features, so the denoiser's conditioning is wider than
-        # FlowPolicy's: rebuild it, add the embedding, and take the EMA copy of the whole again.
-        self.model["denoiser"] = make_denoiser(c.backbone, c.horizon, self.action_dim,
-                                               encoder.out_dim + c.indicator_dim, c)
-        self.model["indicator"] = nn.Embedding(3, c.indicator_dim)
-        self.ema = EMA(self.model, c.ema_power, c.ema_max_decay) if c.ema else None
-
-    @property
-    def guidance(self) -> float:
-        return self.config.guidance
-
-    @guidance.setter
-    def guidance(self, beta: float) -> None:
-        if beta < 0:
-            raise ValueError(f"guidance (beta) must be >= 0, got {beta}")
-        self.config.guidance = float(beta)
-
-    @classmethod
-    def from_flow_policy(cls, policy: FlowPolicy, **fields) -> AdvantageFlowPolicy:
-        """Warm-start from a pretrained FlowPolicy: same chunking, normaliser and weights, with the
-        indicator's inputs zeroed, so every indicator (and any beta) first gives the old policy."""
-        if not isinstance(policy, FlowPolicy):
-            raise ValueError(f"need a FlowPolicy to warm-start from, got {type(policy).__name__}")
-        unknown = set(fields) - ADVANTAGE_FIELDS
-        if unknown:
-            raise ValueError(f"only {sorted(ADVANTAGE_FIELDS)} can change when warm-starting, got {sorted(unknown)}")
-        base = {k: v for k, v in dataclasses.asdict(policy.config).items() if k not in ADVANTAGE_FIELDS}
-        new = cls(cls.config_class(**base, **fields), policy.shapes, policy.stats, policy.data_env)
-        old, state, e, td = policy.state_dict(), new.state_dict(), new.config.indicator_dim, new.config.time_dim
-        for name, w in state.items():
-            if name not in old:
-                continue  # the indicator embedding
-            o = old[name]
-            if not isinstance(o, torch.Tensor) or o.shape == w.shape:  # (the normaliser's extra state is a dict)
-                state[name] = copy.deepcopy(o)
-            else:  # a layer reading [.., obs features, time]: zero columns for the embedding before time
-                cut = o.shape[1] - td
-                state[name] = torch.cat([o[:, :cut], o.new_zeros(o.shape[0], e, *o.shape[2:]), o[:, cut:]], 1)
-        new.load_state_dict(state)
-        return new.eval()
-
-    def normalize_obs(self, obs):
-        out = super().normalize_obs(obs)
-        if INDICATOR in obs:  # pass the training label through to `loss`
-            out[INDICATOR] = torch.as_tensor(obs[INDICATOR], device=self.device).long()
-        return out
-
-    def prepare_training(self, tensors: dict, dataset) -> dict:
-        """Attach each window's indicator (windows are one per frame, in frame order)."""
-        if INDICATOR not in dataset.frames:
-            raise ValueError(f"the dataset has no {INDICATOR!r} column (0 negative, 1 positive per frame); "
-                             "label it with RECAP.labelled_dataset(indicator) or add the column to dataset.frames")
-        ind = torch.as_tensor(np.asarray(dataset.frames[INDICATOR])).long()
-        if len(ind) != len(tensors["action"]) or not ((ind >= 0) & (ind <= NULL)).all():
-            raise ValueError(f"{INDICATOR!r} needs one value in {{0, 1, 2}} per frame ({len(tensors['action'])})")
-        return {**tensors, "obs": {**tensors["obs"], INDICATOR: ind}}
-
-    def conditional_velocity(self, net, x, t, feat, indicator) -> torch.Tensor:
-        """v_theta(x, t, o, c) for an indicator c (an int for the whole batch, or [B])."""
-        c = torch.as_tensor(indicator, device=x.device).long().expand(len(x))
-        return net["denoiser"](x, t, torch.cat([feat, net["indicator"](c)], -1))
-
-    def velocity(self, net, x, t, feat, beta: float) -> torch.Tensor:
-        """Classifier-free guidance: v = v(null) + beta (v(positive) - v(null)); one net call either way."""
-        if beta == 1.0:
-            return self.conditional_velocity(net, x, t, feat, POSITIVE)
-        if beta == 0.0:
-            return self.conditional_velocity(net, x, t, feat, NULL)
-        both = self.conditional_velocity(net, x.repeat(2, *[1] * (x.dim() - 1)), t.repeat(2), feat.repeat(2, 1),
-                                         torch.tensor([NULL, POSITIVE]).repeat_interleave(len(x)))
-        v_null, v_pos = both.chunk(2)
-        return v_null + beta * (v_pos - v_null)
-
-    def loss(self, obs, action, is_pad):
-        if INDICATOR not in obs:
-            raise ValueError(f"training batches need obs[{INDICATOR!r}]; train with labkit.policies.fit on a "
-                             "dataset that has that column")
-        ind = obs[INDICATOR]
-        ind = torch.where(torch.rand(len(ind), device=ind.device) < self.config.null_dropout, NULL, ind)
-        x0 = torch.randn_like(action)
-        t = torch.rand(len(action), device=action.device)
-        x_t = (1 - t.view(-1, 1, 1)) * x0 + t.view(-1, 1, 1) * action
-        pred = self.conditional_velocity(self.model, x_t, t, self.model["encoder"](obs), ind)
-        return self.chunk_loss(pred, action - x0, is_pad)
-
-    def step_distribution(self, net, feat, x, i, steps, stochastic):
-        """FlowPolicy's Euler step, with the guided velocity in place of the plain one."""
-        def guided(x, t, feat):
-            return self.velocity(net, x, t, feat, self.guidance)
-
-        return super().step_distribution({"denoiser": guided}, feat, x, i, steps, stochastic)
-
-    def save(self, path):
-        self.hparams["config"] = dataclasses.asdict(self.config)  # `guidance` may have changed since init
-        return super().save(path)
-
-
-def guidance_sweep(policy: AdvantageFlowPolicy, env_id: str, betas=(0.0, 1.0, 1.5, 2.0, 3.0), episodes: int = 50,
-                   seed: int = 1000, env_kwargs: dict | None = None, progress: bool = True) -> list[dict]:
-    """Success of `policy` at each guidance beta (0: unconditional), on the same seeded episodes."""
-    rows, before = [], policy.guidance
-    try:
-        for beta in betas:
-            policy.guidance = beta
-            r = evaluate(policy, env_id, episodes, seed, env_kwargs=env_kwargs, progress=progress)
-            lo, hi = r.interval
-            rows.append({"beta": float(beta), "success": r.success_rate, "ci_low": lo, "ci_high": hi,
-                         "episodes": episodes, "mean_length": float(r.lengths.mean()), "seconds": r.seconds})
-    finally:
-        policy.guidance = before
-    return rows
 
 
 # ---- the loop ----------------------------------------------------------------------------------------
@@ -344,14 +192,25 @@ class RECAPConfig:
             raise ValueError(f"fail_penalty must be >= 0, got {self.fail_penalty}")
 
 
-class RECAP:
-    """RECAP's collect / value / label / train loop around an AdvantageFlowPolicy.
+class RECAP(Agent):
+    """RECAP's collect / value / label / train loop around an AdvantageFlowPolicy; one agent step = one round.
 
     `source` is an EpisodeDataset (offline data, e.g. demos plus failed rollouts: round 0 trains on it
     before collecting anything) or a pretrained FlowPolicy (warm-started; round 0 collects first),
     optionally with prior data in `dataset`. Episodes are kept in memory as dicts: obs {dataset key:
     [T, ...]}, action [T, A], success, intervention [T], source, round.
     """
+
+    name, method, takes_demos = "RECAP", "recap", True
+
+    @classmethod
+    def from_config(cls, policy, env_id, config, demos=None, env_kwargs=None) -> RECAP:
+        """From a trained flow policy (with `demos` as prior data) or, with no policy, from `demos` alone."""
+        if policy is None and demos is None:
+            raise ValueError("recap starts from a trained policy (`policy`) or from data alone (`demos`)")
+        if policy is None:
+            return cls(demos, env_id, config, env_kwargs=env_kwargs)
+        return cls(policy, env_id, config, dataset=demos, env_kwargs=env_kwargs)
 
     def __init__(self, source, env_id: str, config: RECAPConfig | dict | None = None,
                  dataset: EpisodeDataset | None = None, env_kwargs: dict | None = None):
@@ -404,84 +263,45 @@ class RECAP:
         eps = self.episodes
         if not eps:
             raise ValueError("no episodes yet: give RECAP a dataset or collect rollouts first")
-        lengths = np.array([len(e["action"]) for e in eps])
-        to = np.cumsum(lengths)
-        frames = {k: np.concatenate([e["obs"][k] for e in eps]).astype(np.float32) for k in self.obs_keys}
-        frames["action"] = np.concatenate([e["action"] for e in eps]).astype(np.float32)
-        frames["episode_index"] = np.repeat(np.arange(len(eps)), lengths)
-        frames["frame_index"] = np.concatenate([np.arange(n) for n in lengths])
-        frames["index"] = np.arange(int(to[-1]))
-        frames["next.success"] = np.zeros(int(to[-1]), bool)
-        frames["next.success"][to - 1] = [e["success"] for e in eps]
-        frames[INTERVENTION] = np.concatenate([e["intervention"] for e in eps])
+        labels = {INTERVENTION: np.concatenate([e["intervention"] for e in eps])}
         if indicator is not None:
-            frames[INDICATOR] = np.asarray(indicator, np.int64)
-        features = {k: {"dtype": str(v.dtype), "shape": list(v.shape[1:]) or [1]} for k, v in frames.items()}
-        stats = compute_stats({k: frames[k] for k in (*self.obs_keys, "action")}, features, images=False)
-        info = {"fps": self.fps, "features": features, "total_episodes": len(eps), "total_frames": int(to[-1])}
-        episodes = {"episode_index": np.arange(len(eps)), "length": lengths,
-                    "success": np.array([e["success"] for e in eps])}
-        return EpisodeDataset(frames, to - lengths, to, info, stats, episodes)
+            labels[INDICATOR] = np.asarray(indicator, np.int64)
+        return EpisodeDataset.from_episodes(
+            [{**{k: np.asarray(e["obs"][k], np.float32) for k in self.obs_keys},
+              "action": np.asarray(e["action"], np.float32)} for e in eps],
+            fps=self.fps, success=[e["success"] for e in eps], columns=labels)
 
     def _env_obs(self, obs_list: list[dict]) -> dict[str, np.ndarray]:
-        return {k: np.stack([o[DATA_TO_ENV.get(k, k)] for o in obs_list]).astype(np.float32) for k in self.obs_keys}
+        return {k: np.stack([o[env_key(k)] for o in obs_list]).astype(np.float32) for k in self.obs_keys}
 
-    @torch.no_grad()
     def rollouts(self, seeds) -> list[dict]:
-        """Episodes of the current policy (guidance beta = its `guidance`), envs stepped in lockstep."""
-        seeds = list(seeds)
-        envs = [gym.make(self.env_id, **self.env_kwargs) for _ in range(max(1, min(self.config.num_envs, len(seeds))))]
-        out = []
-        for first in range(0, len(seeds), len(envs)):
-            batch = seeds[first:first + len(envs)]
-            obs = [envs[j].reset(seed=s)[0] for j, s in enumerate(batch)]
-            self.policy.reset()
-            trajs = [{"obs": [], "action": []} for _ in batch]
-            done, success = np.zeros(len(batch), bool), np.zeros(len(batch), bool)
-            while not done.all():
-                actions = self.policy.select_action({k: np.stack([o[k] for o in obs]) for k in obs[0]})
-                for j in np.flatnonzero(~done):
-                    trajs[j]["obs"].append(obs[j])
-                    trajs[j]["action"].append(actions[j])
-                    obs[j], _, term, trunc, info = envs[j].step(actions[j])
-                    self.env_steps += 1
-                    done[j], success[j] = term or trunc, bool(info.get("is_success", False))
-            for j, s in enumerate(batch):
-                n = len(trajs[j]["action"])
-                out.append({"obs": self._env_obs(trajs[j]["obs"]), "action": np.stack(trajs[j]["action"]),
-                            "success": bool(success[j]), "intervention": np.zeros(n, bool), "source": "rollout",
-                            "round": self.round, "seed": s})
-        for e in envs:
-            e.close()
-        return out
+        """Episodes of the current policy (guidance beta = its `guidance`), through `labkit.eval.rollout`."""
+        eps = rollout(self.policy, self.env_id, seeds, self.env_kwargs, self.config.num_envs, keep=("obs", "actions"))
+        self.env_steps += sum(e.length for e in eps)
+        return [{"obs": {k: e.obs[env_key(k)][:-1].astype(np.float32) for k in self.obs_keys}, "action": e.actions,
+                 "success": e.success, "intervention": np.zeros(e.length, bool), "source": "rollout",
+                 "round": self.round, "seed": e.seed} for e in eps]
 
     def intervene(self, episode: dict) -> dict | None:
-        """The failed `episode` corrected by the scripted expert: replay its actions up to some steps
-        before the failure (the env is deterministic given its seed), then let the expert finish.
+        """The failed `episode` corrected by the scripted expert: a `Takeover` replays its actions up to
+        some steps before the failure (the env is deterministic given its seed), then the expert finishes.
         Returns the corrected episode (expert frames flagged), or None if the expert never succeeds."""
         c, n = self.config, len(episode["action"])
         back = int(self.rng.integers(c.takeover_back[0], c.takeover_back[1] + 1))
         for attempt in range(c.takeover_tries):
             k = max(0, n - back * 2**attempt)
+            takeover = Takeover(self.expert, episode["action"], k, expert_seed=int(self.rng.integers(2**31)))
             obs, _ = self.env.reset(seed=episode["seed"])
-            for a in episode["action"][:k]:
-                obs, *_ = self.env.step(a)
-                self.env_steps += 1
-            self.expert.reset(seed=int(self.rng.integers(2**31)))
             seen, acts, done, ok = [], [], False, False
             while not done:
-                a = np.asarray(self.expert(obs), np.float32)
+                acts.append(takeover(obs))
                 seen.append(obs)
-                acts.append(a)
-                obs, _, term, trunc, info = self.env.step(a)
+                obs, _, term, trunc, info = self.env.step(acts[-1])
                 self.env_steps += 1
                 done, ok = term or trunc, bool(info.get("is_success", False))
-            if ok:
-                tail = self._env_obs(seen)
-                return {"obs": {key: np.concatenate([v[:k], tail[key]]) for key, v in episode["obs"].items()},
-                        "action": np.concatenate([episode["action"][:k], np.stack(acts)]), "success": True,
-                        "intervention": np.r_[np.zeros(k, bool), np.ones(len(acts), bool)],
-                        "source": "intervention", "round": self.round, "seed": episode["seed"]}
+            if ok and len(acts) > k:
+                return corrected_episode(episode, k, self._env_obs(seen[k:]), np.stack(acts[k:]),
+                                         source="intervention", round=self.round, seed=episode["seed"])
             if k == 0:
                 break
         return None
@@ -526,13 +346,16 @@ class RECAP:
                 "indicator": indicator, "threshold": threshold}
 
     # ---- the loop ------------------------------------------------------------------------------
-    def evaluate(self, beta: float | None = None, episodes: int | None = None, progress: bool = False):
-        """labkit.eval.evaluate of the policy at guidance beta (default: its own) on the eval seeds."""
+    def evaluate(self, episodes: int | None = None, seed: int | None = None, progress: bool = False,
+                 beta: float | None = None):
+        """labkit.eval.evaluate of the policy at guidance beta (default: its own) on the eval seeds
+        (default: config.eval_episodes episodes from config.eval_seed)."""
         before = self.policy.guidance
         self.policy.guidance = before if beta is None else beta
         try:
-            return evaluate(self.policy, self.env_id, episodes or self.config.eval_episodes, self.config.eval_seed,
-                            env_kwargs=self.env_kwargs, num_envs=self.config.num_envs, progress=progress)
+            return evaluate(self.policy, self.env_id, episodes or self.config.eval_episodes,
+                            self.config.eval_seed if seed is None else seed, env_kwargs=self.env_kwargs,
+                            num_envs=self.config.num_envs, progress=progress)
         finally:
             self.policy.guidance = before
 
@@ -573,8 +396,17 @@ class RECAP:
         return self.policy
 
     def step(self) -> dict:
-        """One round (what a training step is when RECAP runs through `labkit fit`)."""
+        """One round: its row (collected episodes, value and policy losses, its own evaluation)."""
         return self.run_round()
+
+    def counters(self) -> dict:
+        return {"env_steps": self.env_steps, "rounds": self.round}
+
+    def networks(self) -> dict:
+        return {}  # rebuilt every round (the value, and the policy with reinit_policy): in training_state
+
+    def default_budget(self) -> int:
+        return self.config.rounds
 
     def training_state(self) -> dict:
         """Everything a resumed run needs: the episodes (arrays as tensors, so the checkpoint loads with
@@ -606,11 +438,3 @@ class RECAP:
         self.round, self.env_steps, self.trained = state["round"], state["env_steps"], state["trained"]
         self.history = list(state["history"])
         self.rng.bit_generator.state = state["rng"]
-
-    def train(self, rounds: int | None = None, progress: bool = True) -> list[dict]:
-        """Run `rounds` rounds (default: config.rounds); returns the history, one dict per round."""
-        bar = tqdm(range(rounds or self.config.rounds), desc="RECAP rounds", disable=not progress)
-        for _ in bar:
-            row = self.run_round()
-            bar.set_postfix(success=f"{row['success']:.0%}")
-        return self.history

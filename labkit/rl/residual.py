@@ -31,10 +31,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from labkit.data.keys import env_key
 from labkit.rl.actor import TanhGaussianActor
 from labkit.rl.buffer import MixedSampler, ReplayBuffer, transition_fields
 from labkit.rl.critics import QEnsemble, min_of_random_subset, polyak_update, target_copy
-from labkit.data.keys import env_key
 from labkit.rl.loop import ChunkRuntime, OffPolicyAgent, frozen
 from labkit.rl.returns import nstep_batch
 
@@ -200,13 +200,14 @@ class ResidualRL(OffPolicyAgent):
 
         agent = ResidualRL(base_policy, "labkit/Detour-v0", ResidualConfig(), demos=dataset)
         history = agent.train(env_steps=20_000, eval_every=5_000, eval_episodes=50)
-        labkit.eval.evaluate(agent.residual_policy(), "labkit/Detour-v0", episodes=50)
+        labkit.eval.evaluate(agent.eval_policy(), "labkit/Detour-v0", episodes=50)
 
     `demos` (an EpisodeDataset with `next.reward`, recorded with the env's reward type, usually the
     base's own training demos) fills the offline half of every batch; without demos set `offline_ratio=0`.
     """
 
     name = "ResFiT"
+    method, takes_demos = "residual", True
 
     def __init__(self, policy, env_id: str, config: ResidualConfig | dict | None = None, demos=None,
                  env_kwargs: dict | None = None):
@@ -334,11 +335,9 @@ class ResidualRL(OffPolicyAgent):
         return out
 
     # ---- evaluation -----------------------------------------------------------------------------
-    def residual_policy(self) -> ResidualPolicy:
+    def eval_policy(self) -> ResidualPolicy:
         """Base + deterministic residual, for `labkit.eval.evaluate` (a fresh base queue of its own)."""
         return ResidualPolicy(self.policy, self.actor, self.space)
-
-    eval_policy = residual_policy
 
     def state_dict(self) -> dict:
         """The trained parts (the base policy is frozen and saved on its own)."""

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from labkit.training import minibatch_fit
+
 EVENTS = ("success", "failure")  # the event heads, in logit order
 
 
@@ -184,23 +186,21 @@ class StateWorldModel(nn.Module):
             self.set_normalizer(data)
         if self._opt is None or reset_optimizer:
             self._opt = torch.optim.AdamW(self.parameters(), lr=self.config.lr, weight_decay=self.config.weight_decay)
-        gen = torch.Generator().manual_seed(seed)
         t = {k: torch.as_tensor(np.asarray(v), dtype=torch.float32) for k, v in data.items()}
-        n, E, bs = len(t["state"]), self.config.ensemble, self.config.batch_size
         start = self.history[-1]["step"] + 1 if self.history else 0
-        self.train()
-        for step in range(steps):
-            idx = torch.randint(0, n, (E, bs), generator=gen)  # each member its own minibatch
-            loss, parts = self.loss({k: v[idx] for k, v in t.items()})
-            self._opt.zero_grad()
-            loss.backward()
-            self._opt.step()
+
+        def log(step, loss, parts):
             if step % log_every == 0 or step == steps - 1:
-                row = {"step": start + step, "loss": loss.item(), **parts}
+                row = {"step": start + step, "loss": loss, **parts}
                 if val is not None:
                     row["val_error"] = self.one_step_error(val)
                 self.history.append(row)
-        return self.eval()
+
+        # each member its own minibatch: indices [E, B]
+        minibatch_fit(self, lambda idx: self.loss({k: v[idx] for k, v in t.items()}), len(t["state"]), steps,
+                      (self.config.ensemble, self.config.batch_size), seed=seed, optimizer=self._opt,
+                      after_step=log)
+        return self
 
     @torch.no_grad()
     def one_step_error(self, data: dict[str, np.ndarray]) -> float:

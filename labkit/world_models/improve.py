@@ -18,12 +18,11 @@ import copy
 import time
 from dataclasses import dataclass
 
-import gymnasium as gym
 import numpy as np
 import torch
 
 from labkit.data.dataset import EpisodeDataset
-from labkit.eval import evaluate
+from labkit.eval import evaluate, rollout
 from labkit.policies.train import fit
 from labkit.world_models.dynamics import transitions_from_episodes
 from labkit.world_models.imagined import imagine, start_states
@@ -44,51 +43,24 @@ def episodes_from_dataset(dataset: EpisodeDataset, max_steps: int | None = None)
 
 def collect_episodes(policy, env_id: str, episodes: int, seed: int = 0, num_envs: int = 10,
                      env_kwargs: dict | None = None) -> list[dict]:
-    """Real rollouts of a labkit policy (batched over `num_envs` envs), every state kept, failures
-    included: {"state": [T+1, D], "action": [T, A], "success", "failure" (info["collision"])}."""
-    import labkit.envs  # noqa: F401
-
+    """Real rollouts of a labkit policy (`labkit.eval.rollout`), every state kept, failures included:
+    {"state": [T+1, D], "action": [T, A], "success", "failure" (info["collision"])}."""
     if episodes < 1:
         raise ValueError(f"episodes must be >= 1, got {episodes}")
-    envs = [gym.make(env_id, **(env_kwargs or {})) for _ in range(min(num_envs, episodes))]
-    out = []
-    for first in range(0, episodes, len(envs)):
-        n = min(len(envs), episodes - first)
-        obs = [envs[j].reset(seed=seed + first + j)[0] for j in range(n)]
-        policy.reset()
-        eps = [{"state": [o["state"]], "action": [], "success": False, "failure": False} for o in obs]
-        done = np.zeros(n, bool)
-        while not done.all():
-            act = policy.select_action({k: np.stack([o[k] for o in obs]) for k in obs[0]})
-            for j in np.flatnonzero(~done):
-                obs[j], _, term, trunc, info = envs[j].step(act[j])
-                eps[j]["state"].append(obs[j]["state"])
-                eps[j]["action"].append(np.asarray(act[j], np.float32))
-                eps[j]["success"] = bool(info["is_success"])
-                eps[j]["failure"] = bool(info.get("collision", False))
-                done[j] = term or trunc
-        out += [{**e, "state": np.stack(e["state"]).astype(np.float32), "action": np.stack(e["action"])} for e in eps]
-    for e in envs:
-        e.close()
-    return out
+    eps = rollout(policy, env_id, range(seed, seed + episodes), env_kwargs, num_envs, keep=("obs", "actions"))
+    return [{"state": e.obs["state"].astype(np.float32), "action": e.actions, "success": e.success,
+             "failure": bool(e.info.get("collision", False))} for e in eps]
 
 
 def dataset_from_episodes(episodes: list[dict], like: EpisodeDataset) -> EpisodeDataset:
     """An in-memory EpisodeDataset (state + action) that `labkit.policies.fit` trains on; `like` lends
-    fps and feature metadata. Only the T states that have an action are kept."""
+    fps, feature metadata and its normalisation stats. Only the T states that have an action are kept."""
     if not episodes:
         raise ValueError("no episodes to build a dataset from (did success filtering keep none?)")
-    lengths = np.array([len(e["action"]) for e in episodes])
-    to = np.cumsum(lengths)
-    frames = {
-        "observation.state": np.concatenate([np.asarray(e["state"][: len(e["action"])], np.float32) for e in episodes]),
-        "action": np.concatenate([np.asarray(e["action"], np.float32) for e in episodes]),
-        "episode_index": np.repeat(np.arange(len(episodes)), lengths),
-    }
-    frames["index"] = np.arange(len(frames["action"]))
-    info = {**like.info, "total_episodes": len(episodes), "total_frames": int(to[-1])}
-    meta = {"success": np.array([bool(e.get("success")) for e in episodes]), "length": lengths}
-    return EpisodeDataset(frames, to - lengths, to, info, like.stats, meta)
+    return EpisodeDataset.from_episodes(
+        [{"observation.state": np.asarray(e["state"][: len(e["action"])], np.float32),
+          "action": np.asarray(e["action"], np.float32)} for e in episodes],
+        success=[bool(e.get("success")) for e in episodes], stats=like.stats, like=like)
 
 
 def weights(episodes: list[dict], mode: str = "filter", beta: float = 1.0) -> np.ndarray:

@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from labkit.training import minibatch_fit
+
 
 def render_episodes(env_id: str, episodes: int, seed: int = 0, image_size: int = 64, noise: float = 0.15,
                     max_steps: int = 40) -> tuple[np.ndarray, np.ndarray]:
@@ -98,16 +100,18 @@ class PixelWorldModel(nn.Module):
         if not 1 <= window <= actions.shape[1]:
             raise ValueError(f"window must be in [1, {actions.shape[1]}], got {window}")
         torch.manual_seed(seed)
-        gen = torch.Generator().manual_seed(seed)
         x_all = self.to_float(frames)  # [N, T+1, 3, 64, 64]
         a_all = torch.as_tensor(actions).float()
         self.background.copy_(x_all.flatten(0, 1).median(0).values)
-        opt = torch.optim.Adam(self.parameters(), lr=lr)
         N, T = a_all.shape[:2]
         start = time.perf_counter()
-        for it in range(steps):
-            ep = torch.randint(0, N, (batch_size,), generator=gen)
-            t0 = torch.randint(0, T - window + 1, (batch_size,), generator=gen)
+
+        def sample(gen):  # an episode and a start step per sample
+            return (torch.randint(0, N, (batch_size,), generator=gen),
+                    torch.randint(0, T - window + 1, (batch_size,), generator=gen))
+
+        def loss_fn(draw):
+            ep, t0 = draw
             idx = t0[:, None] + torch.arange(window + 1)
             x, a = x_all[ep[:, None], idx], a_all[ep[:, None], idx[:, :-1]]  # [B, k+1, 3, 64, 64], [B, k, A]
             target_z = self.enc(x.flatten(0, 1)).unflatten(0, (batch_size, window + 1))
@@ -119,14 +123,15 @@ class PixelWorldModel(nn.Module):
             pred = self.decode(zs.flatten(0, 1)).view_as(x)
             recon = (self.weight(x) * (pred - x).pow(2)).mean()
             latent = (zs[:, 1:] - target_z[:, 1:].detach()).pow(2).mean()
-            loss = recon + latent
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+            return recon + latent, (recon, latent)
+
+        def log(it, loss, parts):
             if it % log_every == 0 or it == steps - 1:
-                self.history.append({"step": it, "recon": recon.item(), "latent": latent.item(),
+                self.history.append({"step": it, "recon": parts[0].item(), "latent": parts[1].item(),
                                      "seconds": time.perf_counter() - start})
-        return self.eval()
+
+        minibatch_fit(self, loss_fn, steps=steps, lr=lr, seed=seed, sample=sample, after_step=log)
+        return self
 
     @torch.no_grad()
     def imagine(self, first_frame: np.ndarray, actions: np.ndarray) -> np.ndarray:

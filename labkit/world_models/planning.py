@@ -21,6 +21,7 @@ from torch import nn
 from labkit.nn import mlp
 from labkit.rl.best_of_n import sample_chunks
 from labkit.rl.loop import ChunkRuntime
+from labkit.training import minibatch_fit
 
 
 class ValueFunction(nn.Module):
@@ -47,16 +48,10 @@ class ValueFunction(nn.Module):
         x, y = torch.as_tensor(np.concatenate(xs)), torch.as_tensor(np.concatenate(ys), dtype=torch.float32)
         self.mean.copy_(x.mean(0))
         self.std.copy_(x.std(0).clamp(min=1e-3))
-        gen = torch.Generator().manual_seed(seed)
         torch.manual_seed(seed)
-        opt = torch.optim.Adam(self.net.parameters(), lr=lr)
-        for _ in range(steps):
-            idx = torch.randint(0, len(x), (batch_size,), generator=gen)
-            loss = nn.functional.binary_cross_entropy(self(x[idx]).clamp(1e-6, 1 - 1e-6), y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        return self.eval()
+        minibatch_fit(self, lambda idx: nn.functional.binary_cross_entropy(self(x[idx]).clamp(1e-6, 1 - 1e-6), y[idx]),
+                      len(x), steps, batch_size, lr, seed)
+        return self
 
 
 @torch.no_grad()

@@ -1,18 +1,20 @@
-"""RL finetuning as a LightningModule, so that `labkit fit --config configs/rl/<name>.yaml` runs DSRL,
-ResFiT, EXPO, DPPO and RECAP through LightningCLI with the policies' logs, checkpoints and resume.
+"""RL finetuning as a LightningModule, so that `labkit fit --config configs/rl/<name>.yaml` runs any
+registered RL method (DSRL, ResFiT, EXPO, DPPO, RECAP, ...) through LightningCLI with the policies'
+logs, checkpoints and resume.
 
-    training step   one step of the method's own loop: DSRL, ResFiT, EXPO one agent step (a chunk or
-                    an env step) and then `utd` gradient updates; DPPO one PPO iteration; RECAP one
-                    round (collect, fit the value, label, retrain the policy)
+    training step   one `agent.step()` (the agent contract, `labkit.rl.agent`): DSRL, ResFiT, EXPO one
+                    agent step (a chunk or an env step) and then `utd` gradient updates; DPPO one PPO
+                    iteration; RECAP one round (collect, fit the value, label, retrain the policy)
     epoch           `eval_every` training steps; a validation pass after each (and one before the first
                     step) runs `eval_episodes` seeded episodes of the current policy and logs
                     `eval/success` and `eval/return`
     checkpoint      the method's networks (registered here as submodules) and optimisers (handed to
-                    Lightning), plus its replay buffer, counters and generator, so `--ckpt_path` resumes;
+                    Lightning), plus its replay buffer, counters and generator, so `--ckpt_path` resumes,
+                    and the base policy itself, so the checkpoint alone rebuilds the agent;
                     `last.ckpt` and `best.ckpt` (highest eval/success)
 
-The method's code runs unchanged (`agent.step()` / `iterate()` is what `agent.train()` loops over), so
-a run here and one in a notebook are the same algorithm. RL runs in one CPU process: the agent steps its own
+The method's code runs unchanged (`agent.step()` is what `labkit.rl.train` loops over), so a run here
+and one in a notebook are the same algorithm. RL runs in one CPU process: the agent steps its own
 environments, and the networks are small.
 
     labkit fit --config configs/flow_peg.yaml         # the base policy first
@@ -22,9 +24,9 @@ environments, and the networks are small.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections import deque
-from importlib import import_module
 from pathlib import Path
 
 import lightning as L
@@ -32,15 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-# `method` in a config -> the class that implements it, and whether it takes a demo dataset.
-METHODS = {
-    "dsrl": ("labkit.rl.dsrl:DSRL", False),
-    "residual": ("labkit.rl.residual:ResidualRL", True),
-    "expo": ("labkit.rl.expo:EXPO", True),
-    "dppo": ("labkit.rl.dppo:DPPO", False),
-    "recap": ("labkit.rl.recap:RECAP", True),
-}
-
+from labkit.rl.agent import RL_EVAL_SEED, Agent
 
 ONE_PROCESS = ("RL methods train in one CPU process (the agent steps its own environments): "
                "use --trainer.accelerator cpu --trainer.devices 1")
@@ -66,59 +60,50 @@ def resolve_checkpoint(path: str | Path) -> Path:
 class RLModule(L.LightningModule):
     """One RL method finetuning a trained labkit policy, as a LightningModule.
 
-    method      dsrl | residual | expo | dppo | recap
+    method      a registered method: dsrl | residual | expo | dppo | recap (`labkit.rl.Agent.registry`)
     policy      the base policy: a checkpoint, or a run folder (its newest last.ckpt); RECAP may start
-                from `demos` alone (policy: null)
+                from `demos` alone (policy: null). `load_agent` passes the copy embedded in an RL
+                checkpoint instead (a policy checkpoint's contents)
     env_id      the task to train and evaluate on
     config      the method's config fields (DSRLConfig, ResidualConfig, EXPOConfig, DPPOConfig, RECAPConfig)
     demos       a shipped dataset name or a folder. residual and expo: mixed into every batch (with none,
                 set `offline_ratio: 0` in config); recap: its offline data
     """
 
-    def __init__(self, method: str, env_id: str, policy: str | None = None, config: dict | None = None,
+    def __init__(self, method: str, env_id: str, policy: str | dict | None = None, config: dict | None = None,
                  demos: str | None = None, env_kwargs: dict | None = None, eval_every: int = 100,
-                 eval_episodes: int = 20, eval_seed: int = 10_000):
+                 eval_episodes: int = 20, eval_seed: int = RL_EVAL_SEED):
         super().__init__()
-        from labkit import load_policy
+        import labkit.rl  # noqa: F401  (every method registers itself on import)
+        from labkit.data.shipped import open_dataset
+        from labkit.policies.base import load_policy, policy_from_checkpoint
 
-        if method not in METHODS:
-            raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+        if method not in Agent.registry:
+            raise ValueError(f"unknown method {method!r}; choose from {', '.join(sorted(Agent.registry))}")
         if eval_every < 1 or eval_episodes < 0:
             raise ValueError(f"need eval_every >= 1 and eval_episodes >= 0, got {eval_every}, {eval_episodes}")
-        target, takes_demos = METHODS[method]
-        if demos is not None and not takes_demos:
+        cls = Agent.registry[method]
+        if demos is not None and not cls.takes_demos:
             raise ValueError(f"{method} learns from its own rollouts only: remove `demos`")
-        if policy is None and not (method == "recap" and demos is not None):
-            raise ValueError(f"{method} finetunes a trained policy: set `policy` (a checkpoint or a run folder)")
-        self.save_hyperparameters()
-        base = None
-        if policy is not None:
+        self.save_hyperparameters(ignore=["policy"] if isinstance(policy, dict) else None)
+        self.base = None
+        if isinstance(policy, dict):  # the base embedded in an RL checkpoint
+            self.base = policy_from_checkpoint(policy, "the RL checkpoint's embedded base policy")
+        elif policy is not None:
             checkpoint = resolve_checkpoint(policy)
-            self.hparams.policy = str(checkpoint)  # the exact file, so a resumed or reloaded run finds the same base
-            base = load_policy(checkpoint)
+            self.hparams.policy = str(checkpoint)  # the exact file, so a resumed run finds the same base
+            self.base = load_policy(checkpoint)
         self.automatic_optimization = False  # each method steps its own optimisers
-
-        from labkit.data.shipped import open_dataset
-
         data = open_dataset(demos) if demos is not None else None
-        module, name = target.split(":")
-        cls = getattr(import_module(module), name)
-        if method == "recap":  # from a trained flow policy (with prior data) or from the data alone
-            self.agent = cls(base if base is not None else data, env_id, config,
-                             dataset=data if base is not None else None, env_kwargs=env_kwargs)
-        else:
-            self.agent = cls(base, env_id, config, env_kwargs=env_kwargs, **({"demos": data} if takes_demos else {}))
+        self.agent = cls.from_config(self.base, env_id, config, demos=data, env_kwargs=env_kwargs)
         # The agent's networks as submodules and its optimisers as Lightning's: both land in checkpoints.
-        # RECAP rebuilds its networks every round and carries them in its training state instead.
-        self.nets = nn.ModuleDict({k: v for k, v in vars(self.agent).items()
-                                   if isinstance(v, nn.Module) and method != "recap"})
+        self.nets = nn.ModuleDict(self.agent.networks())
         self._returns: deque = deque(maxlen=20)  # the last episodes' training return and success
         self._successes: deque = deque(maxlen=20)
-        self._since = 0  # agent log entries already reported
 
     # ---- Lightning's hooks ------------------------------------------------------------------------
     def configure_optimizers(self):
-        return [v for v in vars(self.agent).values() if isinstance(v, torch.optim.Optimizer)]
+        return self.agent.optimizers()
 
     def setup(self, stage: str) -> None:
         trainer, every = self.trainer, self.hparams.eval_every
@@ -140,24 +125,12 @@ class RLModule(L.LightningModule):
         return range(1 if self.hparams.eval_episodes else 0)
 
     def training_step(self, batch, batch_idx):
-        agent = self.agent
-        if self.hparams.method == "dppo":
-            row = agent.iterate()
-            if not math.isnan(row["train_success"]):
-                self._successes.append(row["train_success"])
-                self._returns.append(row["train_return"])
-            metrics = {k: v for k, v in row.items() if k not in ("iteration", "train_success", "train_return")}
-        elif self.hparams.method == "recap":
-            row = agent.step()
-            metrics = {k: v for k, v in row.items() if isinstance(v, (int, float)) and not math.isnan(v)}
-        else:
-            info = agent.step()
-            if info["episode_done"]:
-                self._returns.append(info["episode_return"])
-                self._successes.append(float(info["episode_success"]))
-            logs, self._since = agent.log[self._since:], len(agent.log)
-            metrics = {k: float(np.mean([r[k] for r in logs if k in r])) for k in dict.fromkeys(k for r in logs for k in r)}
-            metrics.update(env_steps=agent.env_steps, updates=agent.updates, episodes=agent.episodes)
+        info = self.agent.step()
+        for ret, success in info.pop("ended", ()):
+            self._returns.append(float(ret))
+            self._successes.append(float(success))
+        metrics = {k: float(v) for k, v in {**info, **self.agent.counters()}.items()
+                   if isinstance(v, (int, float, np.number)) and not math.isnan(float(v))}
         if self._returns:
             metrics.update(train_success=float(np.mean(self._successes)), train_return=float(np.mean(self._returns)))
         self.log_dict({f"train/{k}": float(v) for k, v in metrics.items()}, on_step=True, batch_size=1)
@@ -173,13 +146,11 @@ class RLModule(L.LightningModule):
 
     def _evaluate(self, log) -> None:
         """Seeded evaluation episodes of the current policy: logged with `log`, and printed."""
-        from labkit.eval import evaluate
 
         h = self.hparams
         # evaluate seeds torch on a forked RNG: every evaluation of a policy draws the same sampling noise,
         # and training draws the same numbers however often it is evaluated.
-        result = evaluate(self.agent.eval_policy(), h.env_id, h.eval_episodes, h.eval_seed,
-                          env_kwargs=h.env_kwargs, progress=False)
+        result = self.agent.evaluate(h.eval_episodes, h.eval_seed)
         lo, hi = result.interval
         log({"eval/success": result.success_rate, "eval/return": float(result.returns.mean()),
              "eval/env_steps": float(self.agent.env_steps)})
@@ -189,17 +160,34 @@ class RLModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["rl_training_state"] = self.agent.training_state()
+        if self.base is not None:  # the checkpoint alone rebuilds the agent, wherever the base file went
+            checkpoint["base_policy"] = self.base.checkpoint()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # Called before the weights and optimiser states are loaded into the same objects.
         self.agent.load_training_state(checkpoint["rl_training_state"])
-        self._since = len(getattr(self.agent, "log", ()))  # DPPO keeps no per-update log
 
 
 def load_agent(path: str | Path):
-    """The trained agent of an RL run's checkpoint (its base policy must still be where the run found it);
-    `load_agent(ckpt).eval_policy()` is what `labkit eval` rolls out."""
-    return RLModule.load_from_checkpoint(resolve_checkpoint(path), map_location="cpu").agent
+    """The trained agent of an RL run's checkpoint (a file or a run folder), rebuilt from the checkpoint
+    alone: its embedded base policy, networks and training state. `load_agent(ckpt).eval_policy()` is what
+    `labkit eval` rolls out. (A checkpoint written before bases were embedded reads the base's file.)"""
+    path = resolve_checkpoint(path)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated file, not a torch file, or an unsafe pickle
+        raise ValueError(f"cannot read checkpoint {path}: {e}") from e
+    if not isinstance(ckpt, dict) or "rl_training_state" not in ckpt:
+        raise ValueError(f"{path} is not an RL run's checkpoint (labkit fit --config configs/rl/...)")
+    # Only RLModule's own arguments (LightningCLI also stores its `_instantiator`).
+    names = inspect.signature(RLModule.__init__).parameters
+    hparams = {k: v for k, v in ckpt["hyper_parameters"].items() if k in names}
+    if "base_policy" in ckpt:
+        hparams["policy"] = ckpt["base_policy"]
+    module = RLModule(**hparams)
+    module.on_load_checkpoint(ckpt)
+    module.load_state_dict(ckpt["state_dict"])
+    return module.agent
 
 
 def is_rl_checkpoint(path: str | Path) -> bool:

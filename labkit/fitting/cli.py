@@ -14,7 +14,7 @@ The policy needs the dataset's shapes and normalisation statistics to be built; 
 data module and linked into the model's arguments when both are instantiated.
 
 A config whose model names a `method` (configs/rl/*.yaml) runs an RL method instead, through
-`labkit.rl.module.RLModule` and no data module (the agent collects its own data):
+`labkit.fitting.RLModule` and no data module (the agent collects its own data):
 
     labkit fit --config configs/rl/dppo_peg.yaml
 """
@@ -105,7 +105,7 @@ class RLCLI(RunsCLI):
     already have launched its second process when the module could object)."""
 
     def before_instantiate_classes(self) -> None:
-        from labkit.rl.module import ONE_PROCESS
+        from labkit.fitting.rl import ONE_PROCESS
 
         super().before_instantiate_classes()
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -136,7 +136,7 @@ def main(args: list[str] | None = None) -> RunsCLI:
 
     quiet_lightning()
     if _is_rl(sys.argv[1:] if args is None else args):
-        from labkit.rl.module import RLModule
+        from labkit.fitting.rl import RLModule
 
         # The frozen base policy is in eval mode on purpose.
         warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
