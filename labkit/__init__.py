@@ -19,7 +19,7 @@ __version__ = "0.1.0"
 
 def load_policy(path, map_location="cpu"):
     """Rebuild a policy (weights, normaliser, config) from its checkpoint alone; see labkit.policies."""
-    from labkit.policies.base import load_policy as _load
+    from labkit.policies import load_policy as _load
 
     return _load(path, map_location=map_location)
 

@@ -124,7 +124,8 @@ def test_cli_eval_reads_a_saved_policy(detour_ds, tmp_path, capsys):
 def test_policy_keeps_the_env_frame_its_data_was_recorded_in(tmp_path):
     """A PushT policy trained in the block frame is rolled out in the block frame, after a checkpoint
     round trip too; asking for the world frame is a named error, not a silent 0%."""
-    from labkit.policies.base import load_policy, rollout_kwargs
+    from labkit.policies import load_policy
+    from labkit.policies.base import rollout_kwargs
 
     env = gym.make("labkit/PushT-v0", frame="block")
     root = record(env, labkit.envs.expert(env), tmp_path / "block", episodes=2, env_kwargs={"frame": "block"},
@@ -168,7 +169,7 @@ def test_demo_trains_the_configs_recipe(tmp_path, capsys):
     import yaml
 
     from labkit.cli import ROOT, demo
-    from labkit.policies.base import load_policy
+    from labkit.policies import load_policy
 
     recipe = yaml.safe_load((ROOT / "configs" / "flow_pusht.yaml").read_text())["model"]["init_args"]["config"]
     demo(steps=3, episodes=1, out=tmp_path)

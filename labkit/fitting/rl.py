@@ -76,7 +76,7 @@ class RLModule(L.LightningModule):
         super().__init__()
         import labkit.rl  # noqa: F401  (every method registers itself on import)
         from labkit.data.shipped import open_dataset
-        from labkit.policies.base import load_policy, policy_from_checkpoint
+        from labkit.policies import load_policy, policy_from_checkpoint
 
         if method not in Agent.registry:
             raise ValueError(f"unknown method {method!r}; choose from {', '.join(sorted(Agent.registry))}")

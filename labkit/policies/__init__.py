@@ -1,7 +1,17 @@
-"""Policies: LightningModules with the runtime contract robot code expects (see `base.Policy`)."""
+"""Policies: LightningModules with the runtime contract robot code expects (see `base.Policy`).
 
-from labkit.policies.advantage import AdvantageFlowConfig, AdvantageFlowPolicy, guidance_sweep
-from labkit.policies.base import Policy, PolicyConfig, load_policy, policy_from_checkpoint
+Importing this package defines (and so registers) every policy class; `load_policy` rebuilds any of them
+from its checkpoint alone.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from labkit.policies.advantage import AdvantageFlowConfig, AdvantageFlowPolicy
+from labkit.policies.base import Policy, PolicyConfig
 from labkit.policies.bc import BCConfig, BCPolicy
 from labkit.policies.diffusion import DiffusionConfig, DiffusionPolicy
 from labkit.policies.flow import FlowConfig, FlowPolicy
@@ -10,7 +20,35 @@ from labkit.policies.postbc import PostBCDiffusionPolicy, PostBCFlowPolicy
 from labkit.policies.train import fit
 
 __all__ = ["Policy", "PolicyConfig", "load_policy", "policy_from_checkpoint", "AdvantageFlowConfig",
-           "AdvantageFlowPolicy", "guidance_sweep", "BCConfig", "BCPolicy", "DiffusionConfig",
+           "AdvantageFlowPolicy", "BCConfig", "BCPolicy", "DiffusionConfig",
            "DiffusionPolicy", "FlowConfig", "FlowPolicy", "GenerativeConfig", "GenerativePolicy", "SampleResult",
            "PostBCDiffusionPolicy", "PostBCFlowPolicy",
            "fit"]
+
+
+def load_policy(path: str | Path, map_location: str | torch.device = "cpu") -> Policy:
+    """Rebuild a policy from a checkpoint written by `Policy.save` or by a Lightning Trainer.
+
+    Loaded with `weights_only=True`: tensors and plain containers only, never arbitrary pickles.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # truncated file, not a torch file, or an unsafe pickle
+        raise ValueError(f"cannot read checkpoint {path}: {e}") from e
+    return policy_from_checkpoint(ckpt, str(path))
+
+
+def policy_from_checkpoint(ckpt: dict, source: str = "the checkpoint") -> Policy:
+    """Rebuild a policy from a checkpoint's contents ({"hyper_parameters", "state_dict"}), in eval mode.
+    The class must be a registered Policy subclass (the classes above, or any defined since)."""
+    hp = ckpt.get("hyper_parameters", {}) if isinstance(ckpt, dict) else {}
+    name = hp.get("policy_class")
+    if name not in Policy.registry:
+        raise ValueError(f"{source} is not a labkit policy checkpoint (policy_class={name!r}; "
+                         f"known: {sorted(Policy.registry)})")
+    policy = Policy.registry[name](hp["config"], hp["shapes"], hp["stats"], hp.get("env"))
+    policy.load_state_dict(ckpt["state_dict"])
+    return policy.eval()

@@ -12,7 +12,8 @@ Inference (classifier-free guidance), in every Euler step of FlowPolicy's sample
     v = v(x, t, o, null) + beta (v(x, t, o, positive) - v(x, t, o, null))
 beta = 0 is the unconditional policy, beta = 1 plain positive conditioning, beta > 1 sharper.
 Why it improves: pi(a|o, I=1) is proportional to pi_ref(a|o) p(I=1|o, a), better than pi_ref, and
-guidance raises p(I=1|o, a) to the power beta. `guidance_sweep` measures success against beta.
+guidance raises p(I=1|o, a) to the power beta. `labkit.rl.recap.guidance_sweep` measures
+success against beta.
 
     policy = AdvantageFlowPolicy.from_dataset(labelled, guidance=1.5)   # needs the indicator column
     policy = AdvantageFlowPolicy.from_flow_policy(pretrained)           # warm start: the old policy at any beta
@@ -28,7 +29,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from labkit.eval import evaluate
 from labkit.nn import EMA, make_denoiser
 from labkit.policies.flow import FlowConfig, FlowPolicy, linear_path
 
@@ -156,22 +156,6 @@ class AdvantageFlowPolicy(FlowPolicy):
 
         return super().step_distribution({"denoiser": guided}, feat, x, i, steps, stochastic)
 
-    def save(self, path):
+    def checkpoint(self) -> dict:
         self.hparams["config"] = dataclasses.asdict(self.config)  # `guidance` may have changed since init
-        return super().save(path)
-
-
-def guidance_sweep(policy: AdvantageFlowPolicy, env_id: str, betas=(0.0, 1.0, 1.5, 2.0, 3.0), episodes: int = 50,
-                   seed: int = 1000, env_kwargs: dict | None = None, progress: bool = True) -> list[dict]:
-    """Success of `policy` at each guidance beta (0: unconditional), on the same seeded episodes."""
-    rows, before = [], policy.guidance
-    try:
-        for beta in betas:
-            policy.guidance = beta
-            r = evaluate(policy, env_id, episodes, seed, env_kwargs=env_kwargs, progress=progress)
-            lo, hi = r.interval
-            rows.append({"beta": float(beta), "success": r.success_rate, "ci_low": lo, "ci_high": hi,
-                         "episodes": episodes, "mean_length": float(r.lengths.mean()), "seconds": r.seconds})
-    finally:
-        policy.guidance = before
-    return rows
+        return super().checkpoint()

@@ -237,33 +237,3 @@ class Policy(ChunkRuntime, L.LightningModule):
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(self.checkpoint(), path)
         return path
-
-
-def load_policy(path: str | Path, map_location: str | torch.device = "cpu") -> Policy:
-    """Rebuild a policy from a checkpoint written by `Policy.save` or by a Lightning Trainer.
-
-    Loaded with `weights_only=True`: tensors and plain containers only, never arbitrary pickles.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # truncated file, not a torch file, or an unsafe pickle
-        raise ValueError(f"cannot read checkpoint {path}: {e}") from e
-    return policy_from_checkpoint(ckpt, str(path))
-
-
-def policy_from_checkpoint(ckpt: dict, source: str = "the checkpoint") -> Policy:
-    """Rebuild a policy from a checkpoint's contents ({"hyper_parameters", "state_dict"}), in eval mode.
-    The class must be a registered Policy subclass (every one in `labkit.policies`)."""
-    import labkit.policies  # noqa: F401  (every policy class registers itself on import)
-
-    hp = ckpt.get("hyper_parameters", {}) if isinstance(ckpt, dict) else {}
-    name = hp.get("policy_class")
-    if name not in Policy.registry:
-        raise ValueError(f"{source} is not a labkit policy checkpoint (policy_class={name!r}; "
-                         f"known: {sorted(Policy.registry)})")
-    policy = Policy.registry[name](hp["config"], hp["shapes"], hp["stats"], hp.get("env"))
-    policy.load_state_dict(ckpt["state_dict"])
-    return policy.eval()

@@ -59,7 +59,6 @@ from labkit.policies.advantage import (  # noqa: F401  (the policy, moved; lesso
     POSITIVE,
     AdvantageFlowConfig,
     AdvantageFlowPolicy,
-    guidance_sweep,
 )
 from labkit.policies.flow import FlowPolicy
 from labkit.policies.train import fit, window_tensors
@@ -146,6 +145,23 @@ def binarize(advantages, positive_fraction: float = 0.3, forced=None) -> tuple[n
 
 
 # ---- the loop ----------------------------------------------------------------------------------------
+
+
+def guidance_sweep(policy: AdvantageFlowPolicy, env_id: str, betas=(0.0, 1.0, 1.5, 2.0, 3.0), episodes: int = 50,
+                   seed: int = 1000, env_kwargs: dict | None = None, progress: bool = True) -> list[dict]:
+    """Success of `policy` at each guidance beta (0: unconditional), on the same seeded episodes."""
+    rows, before = [], policy.guidance
+    try:
+        for beta in betas:
+            policy.guidance = beta
+            r = evaluate(policy, env_id, episodes, seed, env_kwargs=env_kwargs, progress=progress)
+            lo, hi = r.interval
+            rows.append({"beta": float(beta), "success": r.success_rate, "ci_low": lo, "ci_high": hi,
+                         "episodes": episodes, "mean_length": float(r.lengths.mean()), "seconds": r.seconds})
+    finally:
+        policy.guidance = before
+    return rows
+
 
 @dataclass
 class RECAPConfig:

@@ -366,7 +366,7 @@ def main(argv: list[str] | None = None) -> None:
     """`python -m labkit.robot.server CHECKPOINT [--host H] [--port P]`; token from $LABKIT_POLICY_TOKEN."""
     import argparse
 
-    from labkit.policies.base import load_policy
+    from labkit.policies import load_policy
 
     p = argparse.ArgumentParser(description="serve a labkit policy checkpoint over WebSockets")
     p.add_argument("checkpoint")
