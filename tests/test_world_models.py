@@ -159,6 +159,31 @@ def test_pixel_world_model_learns():
     assert video.shape == (9, 64, 64, 3) and video.dtype == np.uint8
 
 
+def test_world_models_save_and_load(trained, tmp_path):
+    # A checkpoint alone rebuilds a world model (architecture, normalisers, weights), as for policies.
+    from labkit.world_models.pixel import PixelWorldModel
+
+    wm, _, val = trained
+    back = W.load_world_model(wm.save(tmp_path / "wm.pt"))
+    assert type(back) is W.StateWorldModel and back.config == wm.config
+    s, a = torch.as_tensor(val["state"][:5]), torch.as_tensor(val["action"][:5])
+    member = torch.tensor([0, 1, 2, 0, 1])
+    for x, y in zip(wm.predict(s, a, member, sample=False), back.predict(s, a, member, sample=False), strict=True):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+    torch.manual_seed(0)
+    pixel = PixelWorldModel(channels=4, latent=4)
+    pixel.background.fill_(0.25)  # a trained buffer must travel too
+    back = W.load_world_model(pixel.save(tmp_path / "pixel.pt"))
+    frame = np.full((64, 64, 3), 100, np.uint8)
+    np.testing.assert_array_equal(back.imagine(frame, np.zeros((3, 2), np.float32)),
+                                  pixel.eval().imagine(frame, np.zeros((3, 2), np.float32)))
+    with pytest.raises(ValueError, match="not a labkit world-model checkpoint"):
+        torch.save({"world_model_class": "os.system", "init_args": {}, "state_dict": {}}, tmp_path / "bad.pt")
+        W.load_world_model(tmp_path / "bad.pt")
+    with pytest.raises(FileNotFoundError):
+        W.load_world_model(tmp_path / "missing.pt")
+
+
 def test_pixel_predictor_keeps_the_frame_and_learns():
     from labkit.world_models.pixel import PixelPredictor, render_episodes, robot_position
     frames, actions = render_episodes(ENV, 2, max_steps=6)

@@ -15,6 +15,7 @@ predicts one; adding real rollouts with failures teaches it the wall.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from labkit.training import minibatch_fit
+from labkit.world_models.io import SavedWorldModel
 
 EVENTS = ("success", "failure")  # the event heads, in logit order
 
@@ -91,7 +93,7 @@ def transitions_from_episodes(episodes: list[dict]) -> dict[str, np.ndarray]:
     return {k: np.concatenate(v) for k, v in rows.items()}
 
 
-class StateWorldModel(nn.Module):
+class StateWorldModel(SavedWorldModel, nn.Module):
     """p(s_{t+1}, events | s_t, a_t) as an ensemble; inputs and outputs in physical units."""
 
     def __init__(self, state_dim: int, action_dim: int, config: WorldModelConfig | None = None, **kwargs):
@@ -108,6 +110,9 @@ class StateWorldModel(nn.Module):
             self.register_buffer(f"std_{name}", torch.ones(dim))
         self.history: list[dict] = []  # one dict per logged training step (loss, validation error)
         self._opt: torch.optim.Optimizer | None = None
+
+    def init_args(self) -> dict:
+        return {"state_dim": self.state_dim, "action_dim": self.action_dim, **dataclasses.asdict(self.config)}
 
     # ---- the model ------------------------------------------------------------------------------
     def forward(self, state: torch.Tensor, action: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

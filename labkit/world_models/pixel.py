@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from labkit.training import minibatch_fit
+from labkit.world_models.io import SavedWorldModel
 
 
 def render_episodes(env_id: str, episodes: int, seed: int = 0, image_size: int = 64, noise: float = 0.15,
@@ -48,7 +49,7 @@ def render_episodes(env_id: str, episodes: int, seed: int = 0, image_size: int =
     return frames, actions
 
 
-class PixelWorldModel(nn.Module):
+class PixelWorldModel(SavedWorldModel, nn.Module):
     """enc: frames -> a spatial latent z [B, latent, 16, 16]; step: (z, a) -> z' (a conv net that sees the
     action as two constant channels); dec: z -> [B, 3, 64, 64] in [0, 1]. A spatial latent keeps *where*
     things are: a flat vector bottleneck learned the average frame (the robot smeared along every path)."""
@@ -59,6 +60,8 @@ class PixelWorldModel(nn.Module):
         if image_size != 64:
             raise ValueError(f"PixelWorldModel is built for 64x64 frames, got image_size={image_size}")
         c = channels
+        self._init_args = {"action_dim": action_dim, "latent": latent, "channels": channels,
+                           "image_size": image_size, "action_scale": action_scale}
         self.action_scale, self.action_dim = action_scale, action_dim
         self.enc = nn.Sequential(  # 64 -> 32 -> 16
             nn.Conv2d(3, c, 4, 2, 1), nn.SiLU(), nn.Conv2d(c, c, 4, 2, 1), nn.SiLU(), nn.Conv2d(c, latent, 3, 1, 1))
@@ -70,6 +73,9 @@ class PixelWorldModel(nn.Module):
             nn.Conv2d(c, latent, 3, 1, 1))
         self.register_buffer("background", torch.zeros(3, 64, 64))
         self.history: list[dict] = []
+
+    def init_args(self) -> dict:
+        return dict(self._init_args)
 
     @staticmethod
     def to_float(frames) -> torch.Tensor:
