@@ -36,8 +36,9 @@ demo: setup
 test: setup
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --durations=15
 
+# Everything but the lesson notebooks and the slow runs (DDP, LightningCLI, browser, demo): a quick check.
 test-fast: setup
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 -m "not notebook"
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 -m "not notebook and not slow"
 
 lab: setup
 	$(BIN)/jupyter lab --allow-root --notebook-dir=notebooks

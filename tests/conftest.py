@@ -20,6 +20,7 @@ if _TESTS not in sys.path:
 def pytest_configure(config):
     # Also declared in pyproject.toml; repeated here so the marker is known however pytest is run.
     config.addinivalue_line("markers", "notebook: papermill runs of the lesson notebooks")
+    config.addinivalue_line("markers", "slow: DDP, LightningCLI, browser and demo runs (make test runs them)")
 
 
 @pytest.fixture(scope="module")
@@ -31,16 +32,24 @@ def detour_ds(tmp_path_factory):
     return load_dataset(root, env_id="labkit/Detour-v0")
 
 
-# The RL tests' shared base (test_residual, test_expo): `demos` and `base_policy`, per module.
-@pytest.fixture(scope="module")
+# The tests' one tiny generative policy, and the demos the RL tests mix in (session-wide: built once per
+# pytest worker). Tests that train the base itself (EXPO imitates) take a deep copy.
+TINY = dict(horizon=8, n_action_steps=4, obs_horizon=2, hidden=64, layers=2, steps=5)
+
+
+def tiny_flow(dataset, steps: int = 150, batch_size: int = 64) -> FlowPolicy:
+    """A tiny flow policy: chunk 8 (4 executed), two observations stacked, a 2 x 64 MLP, K = 5 Euler steps."""
+    torch.manual_seed(0)
+    return fit(FlowPolicy.from_dataset(dataset, **TINY), dataset, steps=steps, batch_size=batch_size, progress=False)
+
+
+@pytest.fixture(scope="session")
 def demos():
     """6 shipped Detour demonstrations (with rewards and done flags, as RLPD's offline half needs)."""
     return load_dataset(labkit.data.DATASETS / "detour").select(range(6))
 
 
-@pytest.fixture(scope="module")
-def base_policy(demos):
-    """A tiny flow policy on 6 Detour demos: chunk 8, 4 executed, two observations stacked."""
-    torch.manual_seed(0)
-    policy = FlowPolicy.from_dataset(demos, horizon=8, n_action_steps=4, obs_horizon=2, hidden=64, layers=2, steps=5)
-    return fit(policy, demos, steps=150, batch_size=64, progress=False)
+@pytest.fixture(scope="session")
+def base_policy():
+    """The tiny flow policy on 10 shipped Detour demonstrations (150 steps)."""
+    return tiny_flow(load_dataset(labkit.data.DATASETS / "detour").select(range(10)))

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # a browser and JupyterLab (still in make test; skipped by make test-fast)
+
 REPO = Path(__file__).resolve().parents[1]
 LESSON = REPO / "solutions" / "00_tour.ipynb"
 SCREENSHOT = REPO / "runs" / "browser" / "teleop_widget.png"

@@ -13,6 +13,10 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # two DDP processes (still in make test; skipped by make test-fast)
+
 SCRIPT = textwrap.dedent('''
     import json, sys
     import labkit

@@ -15,6 +15,8 @@ import pytest  # noqa: E402
 
 from labkit.teach import toy2d  # noqa: E402
 
+pytestmark = pytest.mark.slow  # marimo demos (still in make test; skipped by make test-fast)
+
 DEMOS = sorted((Path(__file__).resolve().parent.parent / "demos").glob("*.py"))
 NOISE = {"DDPM (ancestral)": 1.0, "Flow (Euler-Maruyama SDE)": 0.1}  # eta = 1 is DDPM; a small flow sigma
 

@@ -10,7 +10,7 @@ import torch
 import labkit  # noqa: F401  (before anything imports mujoco: picks the GL backend, registers tasks)
 import labkit.data
 from labkit.data import load_dataset
-from labkit.policies import DiffusionPolicy, FlowPolicy, fit
+from labkit.policies import DiffusionPolicy, fit
 from labkit.rl.dppo import DPPO, DPPOConfig, clip_schedule, denoising_discount, ppo_loss, reduce_log_probs
 from labkit.rl.returns import gae
 
@@ -24,10 +24,8 @@ def detour10():
 
 
 @pytest.fixture(scope="module")
-def flow_policy(detour10):
-    """A tiny flow policy on 10 Detour demos: chunk 8, 4 executed, two observations stacked, K = 5."""
-    torch.manual_seed(0)
-    return fit(FlowPolicy.from_dataset(detour10, **SMALL), detour10, steps=150, batch_size=64, progress=False)
+def flow_policy(base_policy):
+    return base_policy  # conftest's tiny flow policy (10 Detour demos, chunk 8, 4 executed, K = 5)
 
 
 @pytest.fixture(scope="module")

@@ -6,22 +6,10 @@ import pytest
 import torch
 
 import labkit  # noqa: F401  (before anything imports mujoco: picks the GL backend, registers tasks)
-import labkit.data
-from labkit.data import load_dataset
 from labkit.eval import evaluate
-from labkit.policies import FlowPolicy, fit
 from labkit.rl.dsrl import DSRL, DSRLConfig, NoiseSpaceEnv
 
 ENV = "labkit/Detour-v0"
-
-
-@pytest.fixture(scope="module")
-def base_policy():
-    """A tiny flow policy on 10 Detour demos: chunk 8, 4 executed, two observations stacked."""
-    torch.manual_seed(0)
-    ds = load_dataset(labkit.data.DATASETS / "detour").select(range(10))
-    policy = FlowPolicy.from_dataset(ds, horizon=8, n_action_steps=4, obs_horizon=2, hidden=64, layers=2, steps=5)
-    return fit(policy, ds, steps=200, batch_size=64, progress=False)
 
 
 def expected_chunk(policy, history: dict[str, np.ndarray], noise: torch.Tensor) -> np.ndarray:

@@ -12,6 +12,8 @@ import torch
 from labkit import load_policy
 from labkit.cli import main
 
+pytestmark = pytest.mark.slow  # LightningCLI runs (still in make test; skipped by make test-fast)
+
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 QUIET = ["--trainer.enable_progress_bar", "false"]
 

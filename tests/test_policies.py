@@ -163,6 +163,7 @@ def test_policy_keeps_relative_actions(tmp_path):
         rollout_kwargs(policy, "labkit/PushT-v0", {"actions": "absolute"})
 
 
+@pytest.mark.slow  # `labkit demo` (still in make test; skipped by make test-fast)
 def test_demo_trains_the_configs_recipe(tmp_path, capsys):
     """`make demo` reads configs/flow_pusht.yaml: the policy it saves has the config's chunking and
     the dataset's interface (block frame, relative actions), and it writes its video and plot."""

@@ -12,11 +12,13 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import tiny_flow
 
 from labkit.cli import main as cli
 from labkit.data import DATASETS, load_dataset
 from labkit.fitting import load_agent
-from labkit.policies import FlowPolicy, fit
+
+pytestmark = pytest.mark.slow  # LightningCLI runs (still in make test; skipped by make test-fast)
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs" / "rl").glob("*.yaml"))
 QUIET = ["--trainer.enable_progress_bar", "false"]
@@ -29,14 +31,12 @@ SMALL = {"dsrl": {"warmup_steps": 8, "batch_size": 16, "utd": 1},
                    "num_envs": 2}}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def peg_base(tmp_path_factory):
     """A tiny flow policy on 5 successful PegInsert demos, saved where a config can name it."""
     data = load_dataset(DATASETS / "peg")
     demos = data.select(np.flatnonzero(np.asarray(data.episodes["success"], bool))[:5].tolist())
-    torch.manual_seed(0)
-    policy = FlowPolicy.from_dataset(demos, horizon=8, n_action_steps=4, obs_horizon=2, hidden=64, layers=2, steps=3)
-    return fit(policy, demos, steps=30, batch_size=32, progress=False).save(tmp_path_factory.mktemp("base") / "flow.ckpt")
+    return tiny_flow(demos, steps=30, batch_size=32).save(tmp_path_factory.mktemp("base") / "flow.ckpt")
 
 
 def _small_config(path: Path, base: Path, where: Path, steps: int = 4, **model) -> Path:
