@@ -178,3 +178,20 @@ def minibatch_fit(model, loss_fn, n: int | None = None, steps: int = 1000, batch
     if module is not None:
         module.eval()
     return losses
+
+
+def read_checkpoint(path, what: str = "checkpoint", map_location="cpu") -> dict:
+    """A checkpoint file's contents, loaded with `weights_only=True` (tensors and plain containers, never
+    arbitrary pickles); a missing, truncated or unsafe file is an error that names it."""
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no {what} at {path}")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # truncated file, not a torch file, or an unsafe pickle
+        raise ValueError(f"cannot read {what} {path}: {e}") from e
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"{path} is not a labkit {what} (a {type(ckpt).__name__}, not a dict)")
+    return ckpt

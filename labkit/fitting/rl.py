@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from labkit.rl.agent import RL_EVAL_SEED, Agent
+from labkit.training import read_checkpoint
 
 ONE_PROCESS = ("RL methods train in one CPU process (the agent steps its own environments): "
                "use --trainer.accelerator cpu --trainer.devices 1")
@@ -173,11 +174,8 @@ def load_agent(path: str | Path):
     alone: its embedded base policy, networks and training state. `load_agent(ckpt).eval_policy()` is what
     `labkit eval` rolls out. (A checkpoint written before bases were embedded reads the base's file.)"""
     path = resolve_checkpoint(path)
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated file, not a torch file, or an unsafe pickle
-        raise ValueError(f"cannot read checkpoint {path}: {e}") from e
-    if not isinstance(ckpt, dict) or "rl_training_state" not in ckpt:
+    ckpt = read_checkpoint(path)
+    if "rl_training_state" not in ckpt:
         raise ValueError(f"{path} is not an RL run's checkpoint (labkit fit --config configs/rl/...)")
     # Only RLModule's own arguments (LightningCLI also stores its `_instantiator`).
     names = inspect.signature(RLModule.__init__).parameters

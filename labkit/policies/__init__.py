@@ -18,6 +18,7 @@ from labkit.policies.flow import FlowConfig, FlowPolicy
 from labkit.policies.generative import GenerativeConfig, GenerativePolicy, SampleResult
 from labkit.policies.postbc import PostBCDiffusionPolicy, PostBCFlowPolicy
 from labkit.policies.train import fit
+from labkit.training import read_checkpoint
 
 __all__ = ["Policy", "PolicyConfig", "load_policy", "policy_from_checkpoint", "AdvantageFlowConfig",
            "AdvantageFlowPolicy", "BCConfig", "BCPolicy", "DiffusionConfig",
@@ -31,14 +32,7 @@ def load_policy(path: str | Path, map_location: str | torch.device = "cpu") -> P
 
     Loaded with `weights_only=True`: tensors and plain containers only, never arbitrary pickles.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # truncated file, not a torch file, or an unsafe pickle
-        raise ValueError(f"cannot read checkpoint {path}: {e}") from e
-    return policy_from_checkpoint(ckpt, str(path))
+    return policy_from_checkpoint(read_checkpoint(path, "checkpoint", map_location), str(path))
 
 
 def policy_from_checkpoint(ckpt: dict, source: str = "the checkpoint") -> Policy:

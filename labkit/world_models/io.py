@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from labkit.training import read_checkpoint
+
 
 class SavedWorldModel:
     """Mixin for a world model (an nn.Module): `save(path)`, with its constructor arguments from
@@ -38,14 +40,8 @@ def load_world_model(path: str | Path, map_location: str | torch.device = "cpu")
     """Rebuild a world model saved with `.save(path)`, in eval mode."""
     import labkit.world_models  # noqa: F401  (defines, and so registers, every world model)
 
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no world-model checkpoint at {path}")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # truncated file, not a torch file, or an unsafe pickle
-        raise ValueError(f"cannot read world-model checkpoint {path}: {e}") from e
-    name = ckpt.get("world_model_class") if isinstance(ckpt, dict) else None
+    ckpt = read_checkpoint(path, "world-model checkpoint", map_location)
+    name = ckpt.get("world_model_class")
     if name not in SavedWorldModel.registry:
         raise ValueError(f"{path} is not a labkit world-model checkpoint (class {name!r}; "
                          f"known: {sorted(SavedWorldModel.registry)})")
