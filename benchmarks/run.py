@@ -1,9 +1,11 @@
 """Speed measurements for labkit on this machine; writes benchmarks/results.json.
 
-    python benchmarks/run.py [--quick]
+    python benchmarks/run.py [--quick] [--only envs [--state-only] [--tasks labkit/PushT-v0 ...]]
 
 1. Env steps/s for each task against raw `mujoco.mj_step` on the same model, single env and
    vectorised (gymnasium SyncVectorEnv and AsyncVectorEnv with the spawn context), state and pixels.
+   Raw and the single state env are measured in alternation, for a fraction of raw that holds up
+   while other jobs share the machine.
 2. BC training steps/s through labkit's Lightning path (`labkit.policies.fit`) against a plain
    PyTorch loop on the same model, batch and in-memory data, and a default Lightning Trainer fed
    by a torch DataLoader (the slow path labkit avoids).
@@ -18,6 +20,7 @@ import labkit  # noqa: F401  (first: picks the headless GL backend before mujoco
 # isort: on
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -29,7 +32,7 @@ import mujoco
 import torch
 
 HERE = Path(__file__).resolve().parent
-TASKS = ["labkit/Detour-v0", "labkit/PushT-v0"]
+TASKS = ["labkit/Detour-v0", "labkit/PushT-v0", "labkit/PegInsert-v0"]
 
 
 def _rate(fn, seconds: float) -> float:
@@ -42,28 +45,63 @@ def _rate(fn, seconds: float) -> float:
     return n / (time.perf_counter() - start)
 
 
-def bench_envs(seconds: float) -> list[dict]:
+def _random_actions(space, n: int = 1000):
+    """An endless cycle of n random actions, drawn beforehand: gymnasium's `Box.sample` costs ~15 us,
+    a sixth of a PushT step, and it is the benchmark's cost, not the env's."""
+    space.seed(0)
+    return itertools.cycle([space.sample() for _ in range(n)])
+
+
+def _raw_and_single(env_id: str, seconds: float, rounds: int = 5) -> tuple[float, float, float]:
+    """Physics steps/s of bare `mj_step`, env steps/s of one state env, and the fraction of raw the
+    env reaches, measured in alternation (`rounds` pairs of `seconds` each) so that both see the same
+    machine load: medians over the rounds, the fraction the median of each round's own ratio (on a
+    shared machine another job can halve both rates for a while; a round's ratio survives that).
+
+    Raw calls `mj_step(model, data, nstep=frame_skip)` on the env's own model and data, as the env
+    itself does, so the fraction is what the env adds on top of the physics."""
+    env = gym.make(env_id, obs_mode="state")
+    env.reset(seed=0)
+    model, data, skip = env.unwrapped.model, env.unwrapped.data, env.unwrapped.frame_skip
+    act = _random_actions(env.action_space)
+
+    def step():
+        if env.step(next(act))[2]:
+            env.reset()
+
+    raws, singles = [], []
+    for _ in range(rounds):
+        raws.append(_rate(lambda: mujoco.mj_step(model, data, nstep=skip), seconds) * skip)
+        env.reset(seed=0)  # the raw loop moved the physics under the env
+        singles.append(_rate(step, seconds))
+    env.close()
+    fractions = [s * skip / r for s, r in zip(singles, raws, strict=True)]
+    return (sorted(raws)[rounds // 2], sorted(singles)[rounds // 2], sorted(fractions)[rounds // 2])
+
+
+def bench_envs(seconds: float, tasks=None, state_only: bool = False) -> list[dict]:
     rows = []
-    for env_id in TASKS:
-        env = gym.make(env_id)
-        env.reset(seed=0)
-        model, data = env.unwrapped.model, env.unwrapped.data
-        skip = env.unwrapped.frame_skip
-        raw = _rate(lambda model=model, data=data: mujoco.mj_step(model, data), seconds)
-        rows.append({"task": env_id, "mode": "raw mj_step", "physics_steps_per_s": raw, "env_steps_per_s": raw / skip})
+    for env_id in tasks or TASKS:
+        skip = gym.make(env_id).unwrapped.frame_skip
+        raw, single, fraction = _raw_and_single(env_id, seconds / 2)
+        rows.append({"task": env_id, "mode": "raw mj_step", "physics_steps_per_s": raw,
+                     "env_steps_per_s": raw / skip})
+        rows.append({"task": env_id, "mode": "single env, state", "env_steps_per_s": single,
+                     "physics_steps_per_s": single * skip, "fraction_of_raw": fraction})
 
-        for obs_mode in ("state", "pixels"):
-            env = gym.make(env_id, obs_mode=obs_mode)
-            env.reset(seed=0)
-            act = env.action_space.sample
+        for obs_mode in ("state",) if state_only else ("state", "pixels"):
+            if obs_mode == "pixels":  # (the single state env was measured above, paired with raw)
+                env = gym.make(env_id, obs_mode=obs_mode)
+                env.reset(seed=0)
+                act = _random_actions(env.action_space)
 
-            def step(env=env, act=act):
-                if env.step(act())[2]:
-                    env.reset()
+                def step(env=env, act=act):
+                    if env.step(next(act))[2]:
+                        env.reset()
 
-            r = _rate(step, seconds)
-            rows.append({"task": env_id, "mode": f"single env, {obs_mode}", "env_steps_per_s": r,
-                         "physics_steps_per_s": r * skip, "fraction_of_raw": r * skip / raw})
+                r = _rate(step, seconds)
+                rows.append({"task": env_id, "mode": f"single env, {obs_mode}", "env_steps_per_s": r,
+                             "physics_steps_per_s": r * skip, "fraction_of_raw": r * skip / raw})
             # Async workers with pixels failed to create an EGL context in the spawned process here;
             # measured for state only (see benchmarks/README.md).
             for kind, n in (("sync", 4), ("async-spawn", 2)) if obs_mode == "state" else (("sync", 4),):
@@ -71,11 +109,13 @@ def bench_envs(seconds: float) -> list[dict]:
                 venv = (gym.vector.SyncVectorEnv(fns) if kind == "sync"
                         else gym.vector.AsyncVectorEnv(fns, context="spawn"))
                 venv.reset(seed=0)
-                r = _rate(lambda venv=venv: venv.step(venv.action_space.sample()), seconds) * n
+                act = _random_actions(venv.action_space, 250)
+                r = _rate(lambda venv=venv, act=act: venv.step(next(act)), seconds) * n
                 venv.close()
                 rows.append({"task": env_id, "mode": f"{kind} x{n}, {obs_mode}", "env_steps_per_s": r,
                              "physics_steps_per_s": r * skip, "fraction_of_raw": r * skip / raw})
-        print(*[f"{row['task']:18s} {row['mode']:26s} {row['env_steps_per_s']:9.0f} env steps/s"
+        print(*[f"{row['task']:20s} {row['mode']:26s} {row['env_steps_per_s']:9.0f} env steps/s"
+                + (f"  {row['fraction_of_raw']:.2f} of raw" if "fraction_of_raw" in row else "")
                 for row in rows if row["task"] == env_id], sep="\n")
     return rows
 
@@ -237,11 +277,14 @@ def main():
     p.add_argument("--quick", action="store_true", help="shorter timings (for a smoke run); writes nothing")
     p.add_argument("--only", choices=["envs", "training", "policies", "rl"], action="append",
                    help="run only these parts and update them in results.json (repeatable)")
+    p.add_argument("--tasks", nargs="+", choices=TASKS, help="envs part: only these tasks")
+    p.add_argument("--state-only", action="store_true",
+                   help="envs part: raw, single and vectorised state envs only (no pixels)")
     a = p.parse_args()
     machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                "torch": torch.__version__, "mujoco": mujoco.__version__, "torch_threads": torch.get_num_threads()}
     print(machine)
-    parts = {"envs": lambda: bench_envs(0.5 if a.quick else 3.0),
+    parts = {"envs": lambda: bench_envs(0.5 if a.quick else 2.0, a.tasks, a.state_only),
              "bc_training": lambda: bench_training(50 if a.quick else 500),
              "policies": lambda: bench_policies(20 if a.quick else 200),
              "rl": lambda: bench_rl(200 if a.quick else 1000)}

@@ -99,3 +99,38 @@ def test_render_without_display():
 def test_expert_for_unknown_env_is_a_clear_error():
     with pytest.raises(ValueError, match="no scripted expert"):
         labkit.envs.expert(gym.make("CartPole-v1"))
+
+
+@pytest.mark.parametrize("name", ["detour", "pusht", "pusht_block_rel", "peg"])
+def test_env_replays_its_shipped_dataset_bit_for_bit(name):
+    """Episode 0 of a shipped dataset, replayed open loop from its seed (the recorded actions, not
+    the expert), gives back every recorded observation, reward, end and success exactly. The datasets
+    were recorded by these envs, and the env steps were since made faster (benchmarks/README.md):
+    the fast paths must compute the same numbers, down to the last bit of each float32."""
+    env_id, kwargs, _, seed = labkit.data.SHIPPED[name]
+    ep = labkit.data.load_dataset(labkit.data.DATASETS / name).episode(0)
+    env = gym.make(env_id, **kwargs)
+    obs, _ = env.reset(seed=seed)
+    n = len(ep["action"])
+    for t in range(n):
+        for key in ("state", "proprio"):
+            np.testing.assert_array_equal(obs[key], ep[f"observation.{key}"][t], err_msg=f"{key}, frame {t}")
+            assert obs[key].dtype == np.float32
+        obs, reward, term, trunc, info = env.step(ep["action"][t])
+        assert np.float32(reward) == ep["next.reward"][t], f"reward at frame {t}"
+        assert (term or trunc) == ep["next.done"][t], f"end at frame {t}"
+        assert info["is_success"] == ep["next.success"][t], f"success at frame {t}"
+    assert term or trunc, "the recorded episode ended here"
+
+
+@pytest.mark.parametrize("env_id", ["labkit/PushT-v0", "labkit/PegInsert-v0"])
+def test_out_of_range_actions_act_as_clipped(env_id):
+    envs = [gym.make(env_id), gym.make(env_id)]
+    for env in envs:
+        env.reset(seed=3)
+    high = envs[0].action_space.high
+    for k in range(5):
+        wild = (high * 3 * (-1) ** k).astype(np.float32)
+        a, b = envs[0].step(wild), envs[1].step(np.clip(wild, -high, high))
+        np.testing.assert_array_equal(a[0]["state"], b[0]["state"])
+        assert a[1:] == b[1:]

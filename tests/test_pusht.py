@@ -6,7 +6,7 @@ import pytest
 from gymnasium.utils.env_checker import check_env
 
 import labkit
-from labkit.envs.pusht import KEYPOINTS, TARGET, WORKSPACE, coverage
+from labkit.envs.pusht import BAR, KEYPOINTS, STEM, T_POINTS, TARGET, WORKSPACE, coverage, to_local, to_world
 
 
 @pytest.mark.parametrize("obs_mode", ["state", "pixels"])
@@ -52,6 +52,28 @@ def test_coverage_at_target_and_far_away():
     _, r, term, _, info = env.step(pusher_far)
     assert info["coverage"] >= 0.99 and info["is_success"] and term
     assert r == pytest.approx(info["coverage"])
+
+
+def test_fast_coverage_counts_exactly_what_the_plain_formula_counts():
+    """`coverage` runs every step, so it is written for speed; it must still count exactly the same
+    sample points as the plain formula (transform the target's points, test each box, average),
+    including at poses where points lie on the T's edges (the target pose, quarter turns)."""
+
+    def plain(pose):
+        local = to_local(pose, to_world(TARGET, T_POINTS))
+        inside = np.zeros(len(local), bool)
+        for c, h in (BAR, STEM):
+            inside |= np.all(np.abs(local - c) <= h, axis=1)
+        return float(inside.mean())
+
+    rng = np.random.default_rng(0)
+    poses = [TARGET, TARGET + [0, 0, np.pi / 2], TARGET + [0.0025, 0, 0], TARGET + [0, -0.005, np.pi]]
+    poses += list(TARGET + rng.normal(0, [0.01, 0.01, 0.1], (300, 3)))
+    poses += list(np.column_stack([rng.uniform(-0.2, 0.2, (200, 2)), rng.uniform(-np.pi, np.pi, 200)]))
+    for pose in poses:
+        assert coverage(pose) == plain(pose), pose
+        assert type(coverage(pose)) is float
+    assert coverage(TARGET, target_pose=TARGET + [0.2, 0, 0]) == 0.0  # another target: computed, not cached
 
 
 def test_success_flag_matches_coverage():

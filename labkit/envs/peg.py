@@ -118,11 +118,17 @@ class PegInsertEnv(MujocoTask):
         return np.concatenate([self.data.qpos, self.data.qvel])
 
     def _evaluate(self):
-        bottom = self.data.qpos[2] - PEG_HALF_LEN
+        q = self.data.qpos
+        bottom = q[2] - PEG_HALF_LEN
         depth = BLOCK_TOP - bottom
-        target = np.array([*self.hole, 0.0])  # peg bottom at the hole's floor
-        dist = float(np.linalg.norm(np.array([*self.data.qpos[:2], bottom]) - target))
-        offset = float(np.linalg.norm(self.data.qpos[:2] - self.hole))
+        lateral = q[:2] - self.hole
+        # The peg bottom's offset from its target, the hole's floor at (hole x, hole y, 0): filled in
+        # place rather than as np.array([*qpos[:2], bottom]) - np.array([*hole, 0.0]) (the same numbers).
+        to_target = np.empty(3)
+        to_target[:2] = lateral
+        to_target[2] = bottom
+        dist = float(np.linalg.norm(to_target))
+        offset = float(np.linalg.norm(lateral))
         return depth >= SUCCESS_DEPTH, -dist, {"depth": float(depth), "offset": offset}
 
 
