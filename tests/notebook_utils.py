@@ -7,6 +7,7 @@ import operator
 import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +96,26 @@ def first_stub_cell(nb: nbformat.NotebookNode) -> int | None:
     return None
 
 
+@dataclass(frozen=True)
+class Rel:
+    """A bar relative to another metric of the same run: `metrics[metric] + delta` (e.g. an RL method's
+    success against its base's, with a margin measured over repeated FAST runs)."""
+
+    metric: str
+    delta: float = 0.0
+
+
+def _resolve(bar: Any, metrics: Mapping[str, Any]) -> tuple[Any, str]:
+    """(the bar's value, how to show it); a Rel bar reads the other metric."""
+    if isinstance(bar, Rel):
+        base = metrics[bar.metric]
+        return base + bar.delta, f"{bar.metric} ({base!r}) {bar.delta:+g}"
+    if isinstance(bar, tuple):
+        values = [_resolve(b, metrics) for b in bar]
+        return tuple(v for v, _ in values), " and ".join(s for _, s in values)
+    return bar, repr(bar)
+
+
 def _meets(value: Any, op: str, bar: Any) -> bool:
     if op == "between":
         lo, hi = bar
@@ -108,10 +129,14 @@ def assert_bars(notebook: str, metrics: Mapping[str, Any], bars: Mapping[str, tu
     """Assert every bar ``{metric: (op, bar)}`` holds, listing every miss and every unrecorded metric."""
     problems = []
     for name, (op, bar) in bars.items():
-        if name not in metrics:
-            problems.append(f"{name}: not recorded (did the notebook call labkit.teach.record({name!r}, ...)?)")
-        elif not _meets(metrics[name], op, bar):
-            shown = f"between {bar[0]} and {bar[1]}" if op == "between" else f"{op} {bar!r}"
+        needs = [name] + [b.metric for b in (bar if isinstance(bar, tuple) else (bar,)) if isinstance(b, Rel)]
+        missing = [n for n in needs if n not in metrics]
+        if missing:
+            problems += [f"{n}: not recorded (did the notebook call labkit.teach.record({n!r}, ...)?)" for n in missing]
+            continue
+        value, shown = _resolve(bar, metrics)
+        if not _meets(metrics[name], op, value):
+            shown = f"between {shown}" if op == "between" else f"{op} {shown}"
             problems.append(f"{name} = {metrics[name]!r}, expected {shown}")
     assert not problems, f"{notebook}: " + "; ".join(problems) + f"\n(all recorded metrics: {dict(metrics)})"
 

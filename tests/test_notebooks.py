@@ -3,7 +3,8 @@ solution notebook runs in FAST mode and meets its bars, and every student copy s
 exercise.
 
 Each lesson needs an entry in BARS: ``{metric_name: (op, bar)}`` with op one of ">=", "<=", "==",
-"between" (bar = (lo, hi)). Metrics come from ``labkit.teach.record`` calls in the notebook.
+"between" (bar = (lo, hi)); a bar may be ``Rel(other_metric, delta)``, relative to another metric of the
+same run. Metrics come from ``labkit.teach.record`` calls in the notebook.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import pytest
 from notebook_utils import (
     NOTEBOOKS,
     SOLUTIONS,
+    Rel,
     assert_bars,
     assert_fails_at,
     first_stub_cell,
@@ -22,35 +24,41 @@ from notebook_utils import (
 
 from labkit.teach import load_metrics, stale
 
-# What each solution notebook must achieve in FAST mode (SEED=0). Keyed by file stem.
+# What each solution notebook must achieve in FAST mode (SEED=0, what CI runs). Every bar holds in FAST
+# runs under seeds 0-4 (re-measured after evaluate began seeding torch); "seeds 0-4: ..." quotes those
+# values. Rel(m, d) is a bar relative to metric m of the same run: a method against its base, so a bar
+# follows the thing the lesson claims. Metrics that mean nothing after FAST's seconds of training (a
+# success rate that is 0-10% in every run) have no bar; the full-mode numbers are in the README.
 BARS: dict[str, dict[str, tuple]] = {
     "00_tour": {
         "detour_expert_success": (">=", 0.95),  # 20 episodes: the expert never fails here
         "pusht_expert_success": (">=", 0.85),  # measured 100% over 200 seeds; 17/20 allows one bad draw
-        "detour_dataset_left_fraction": ("between", (0.35, 0.65)),  # the demos are bimodal
+        "detour_dataset_left_fraction": ("between", (0.35, 0.65)),  # the demos are bimodal (0.445)
         "pusht_pixels_frames": (">=", 5000),
     },
     "01_behavior_cloning": {
-        # Mode averaging is the lesson: MSE-BC drives into the wall (FAST, 300 steps: 100% of 10).
+        # Mode averaging is the lesson: MSE-BC drives into the wall (seeds 0-4: 100% of 10 collide).
         "detour_bc_collision_rate": (">=", 0.6),
         "detour_bc_success": ("<=", 0.4),
         "detour_expert_success": (">=", 0.95),
-        # PushT BC fails here at every chunking (see README); these catch broken numbers, not a level.
-        "pusht_bc_coverage_h1": ("between", (0.0, 1.0)),
-        "pusht_bc_coverage_h4": ("between", (0.0, 1.0)),
-        "pusht_bc_coverage_h16": ("between", (0.0, 1.0)),
-        "pusht_gap_cm_final_h1": ("between", (0.0, 60.0)),
+        # ... and it fails at PushT at every chunking (seeds 0-4: final coverage 0.00-0.07; the expert's
+        # is >= 0.95); the final gap catches a policy that stopped moving or broke (8-14 cm).
+        "pusht_bc_coverage_h1": ("<=", 0.3),
+        "pusht_bc_coverage_h4": ("<=", 0.3),
+        "pusht_bc_coverage_h16": ("<=", 0.3),
+        "pusht_gap_cm_final_h1": ("<=", 30.0),
     },
     "02_diffusion_and_flow": {
-        # FAST (500 steps, 10 episodes): flow 70% with 30% collisions where BC collided in all 10.
+        # FAST (500 steps, 10 episodes), seeds 0-4: flow 30-50% success with 50-60% collisions where
+        # BC collides in 100% and never succeeds. Diffusion learns slower (0-10%): no bar.
         "detour_bc_collision_rate": (">=", 0.6),
-        "detour_flow_success": (">=", 0.5),
-        "detour_flow_collision_rate": ("<=", 0.5),
-        "detour_diffusion_success": ("between", (0.0, 1.0)),  # 10% at 500 steps: diffusion learns slower
-        "detour_flow_ms_k10": ("<=", 50.0),  # ~4 ms measured; 10x slower means a regression
-        "detour_flow_success_k1": ("<=", 0.6),  # one Euler step averages the modes (20% measured)
-        "pusht_success": ("between", (0.0, 1.0)),  # FAST trains 100 of the 10,000 steps that give 85% (README)
-        "pusht_fit_error_mm": ("between", (0.0, 100.0)),
+        "detour_flow_success": (">=", Rel("detour_bc_success", 0.2)),
+        "detour_flow_collision_rate": ("<=", Rel("detour_bc_collision_rate", -0.3)),
+        "detour_flow_ms_k10": ("<=", 50.0),  # 3-6 ms measured; 10x slower means a regression
+        "detour_flow_success_k1": ("<=", 0.6),  # one Euler step averages the modes (10% in seeds 0-4)
+        # PushT trains 100 of the 10,000 steps that give 85% (README): 0% in FAST. The first-action error
+        # (19-21 mm in seeds 0-4) catches broken units or normalisation, not a level.
+        "pusht_fit_error_mm": ("<=", 30.0),
     },
     "03_posterior_bc": {
         # Tabular (exact, 50 random problems in FAST): BC-initialised finetuning misses the optimum
@@ -58,109 +66,100 @@ BARS: dict[str, dict[str, tuple]] = {
         "tabular_coverage_bc": ("<=", 0.0),
         "tabular_coverage_postbc": (">=", 0.02),
         "tabular_reach_postbc": (">=", 0.95),
-        "tabular_reach_bc": ("<=", 0.8),
+        "tabular_reach_bc": ("<=", 0.8),  # seeds 0-4: 0.50-0.68
         "spread_mean": (">", 0.0),
-        "coverage_flow": ("between", (0.0, 1.0)),
-        "coverage_postbc": ("between", (0.0, 1.0)),
+        # Detour: the generative policies cover the demos' modes, MSE-BC does not (seeds 0-4: BC
+        # 0.44-0.47, flow 0.806-0.812, PostBC 0.817-0.828, PostBC above flow by 0.005-0.022).
+        "coverage_flow": (">=", Rel("coverage_bc", 0.2)),
+        "coverage_postbc": (">=", Rel("coverage_flow", 0.0)),
         "success_bc": ("<=", 0.4),  # MSE-BC still averages the modes with 20 demos
     },
     "04_rl_finetuning_offpolicy": {
         # The shipped peg demos: the biased expert succeeds in 37.5% of 200 (the card).
         "demo_success": ("between", (0.3, 0.45)),
-        # FAST trains for seconds: these catch broken plumbing (NaN, crashes), not a level; the lesson's
-        # exercises are checked against labkit's own TD target, residual action and noise-space env.
-        "base_bc_success": ("between", (0.0, 1.0)),
-        "base_flow_success": ("between", (0.0, 1.0)),
-        "residual_success": ("between", (0.0, 1.0)),
-        "dsrl_success": ("between", (0.0, 1.0)),
-        "expo_success": ("between", (0.0, 1.0)),
-        "dsrl_postbc_success": ("between", (0.0, 1.0)),
+        # FAST trains each method for seconds (200-400 env steps, 10 episodes): no gain shows (the
+        # end-to-end gain is tests/test_rl_improves.py), but none may wreck its base. Seeds 0-4, method
+        # minus base: residual 0 in every run (it starts at the base), DSRL -0.4..+0.4, EXPO -0.1..+0.5,
+        # DSRL on PostBC -0.4..0.0; the margins are the worst seen, plus 0.1.
+        "residual_success": (">=", Rel("base_bc_success", -0.1)),
+        "dsrl_success": (">=", Rel("base_flow_success", -0.5)),
+        "expo_success": (">=", Rel("base_flow_success", -0.2)),
+        "dsrl_postbc_success": (">=", Rel("postbc_base_success", -0.5)),
+        "postbc_spread_mm": (">=", Rel("flow_spread_mm", 0.0)),  # PostBC samples wider (seeds 0-4: +0.1..+0.4 mm)
     },
     "05_policy_gradient_and_advantage_conditioning": {
-        "base_success": ("between", (0.0, 1.0)),
-        "dppo_success": ("between", (0.0, 1.0)),
+        # Two DPPO iterations (seeds 0-4, DPPO minus base: -0.2..+0.2); RECAP's FAST rounds leave it at
+        # 0-10% for every beta: no bar (lesson 05 full mode and the README have its numbers).
+        "dppo_success": (">=", Rel("base_success", -0.3)),
         "dppo_env_steps": (">=", 480),  # 2 iterations of 8 envs x 15 chunks of up to 4 steps ran
-        "recap_success_beta0": ("between", (0.0, 1.0)),
-        "recap_success_beta1": ("between", (0.0, 1.0)),
-        "recap_success_beta3": ("between", (0.0, 1.0)),
     },
     "06_reward_models": {
         "heldout_successes": (">=", 5), "heldout_failures": (">=", 5),  # 11 and 13 (FAST replays 80 episodes)
-        "fixed_auroc": (">=", 0.95), "augmented_auroc": (">=", 0.95),  # 0.999 and 1.0
+        "fixed_auroc": (">=", 0.95), "augmented_auroc": (">=", 0.95),  # 0.999-1.0 in seeds 0-4
         "fixed_failures_judged_success": ("<=", 0.1),  # 0.0: the negatives fix the naive model's flaw
         "augmented_failures_judged_success": ("<=", 0.1),
-        "fixed_ece": ("<=", 0.05),  # 0.008
-        "naive_ece": (">=", 0.1),  # 0.28: the flaw shows even in FAST
-        "naive_failures_judged_success": (">", 0.0),  # 3 of 13
-        "preference_rank_corr": (">=", 0.7),  # 0.96
-        "progress_rank_corr_within_successes": (">=", 0.3),  # 0.65
-        "pixels_auroc": ("between", (0.0, 1.0)),  # 20 steps in FAST: plumbing only
-        "base_success": ("between", (0.0, 1.0)),
-        "rl_true_success": ("between", (0.0, 1.0)),
-        "rl_flawed_success": ("between", (0.0, 1.0)),
-        "rl_fixed_success": ("between", (0.0, 1.0)),
+        "fixed_ece": ("<=", 0.05),  # 0.007-0.010
+        "naive_ece": (">=", 0.1),  # 0.23-0.47: the flaw shows even in FAST
+        "naive_failures_judged_success": (">", 0.0),  # 0.23-0.62
+        "preference_rank_corr": (">=", 0.7),  # 0.85-0.96
+        "progress_rank_corr_within_successes": (">=", 0.3),  # 0.65-0.85
+        # The pixel detector trains 20 steps in FAST (AUROC 0.26-0.69): no bar.
+        # DPPO on each reward, two iterations: none wrecks the base (seeds 0-4, run minus base: true
+        # -0.3..+0.1, flawed -0.1..+0.1, fixed -0.1..+0.1); the hacking shows below.
+        "rl_true_success": (">=", Rel("base_success", -0.4)),
+        "rl_fixed_success": (">=", Rel("base_success", -0.3)),
         "rl_true_env_steps": (">=", 400), "rl_flawed_env_steps": (">=", 400), "rl_fixed_env_steps": (">=", 400),
         # Even two DPPO iterations show the hacking: the naive model ends episodes it calls successes.
-        "rl_flawed_believed_success": (">=", 0.5),  # 1.0
+        "rl_flawed_believed_success": (">=", 0.5),  # 0.92-1.0
         "rl_flawed_true_train_success": ("<=", 0.3),  # 0.0
     },
     "07_world_models": {
-        "wm_val_error_first": ("between", (0.02, 0.2)),  # 0.051 measured
-        "wm_val_error_last": ("<=", 0.01),  # 0.0028 after 150 FAST steps: the one-step error falls
+        "wm_val_error_first": ("between", (0.02, 0.2)),  # 0.050-0.052 in seeds 0-4
+        "wm_val_error_last": ("<=", 0.01),  # 0.003-0.007 after 150 FAST steps: the one-step error falls
         "rank_checkpoints": (">=", 6),  # 7
         "bc_real_success": ("<=", 0.4),  # 0 of 10: MSE-BC drives into the wall
-        # FAST trains too little to show a level: these catch broken plumbing.
-        "rank_pearson_demo_only": ("between", (-1.0, 1.0)),
-        "rank_pearson_refined": ("between", (-1.0, 1.0)),
-        "rank_mmrv_refined": ("between", (0.0, 1.0)),
-        "loop_syn_round1": ("between", (0.0, 1.0)),
-        "loop_real_round1": ("between", (0.0, 1.0)),
-        "plan_bon_success": ("between", (0.0, 1.0)),
-        "plan_cem_success": ("between", (0.0, 1.0)),
-        "pixel_open_loop_mse": ("between", (0.0, 0.5)),
-        "pixel_pos_error_px_t5": ("between", (0.0, 64.0)),
+        # The pixel predictor (seeds 0-3: open-loop MSE 0.013-0.076, position error 6-8 px at t=5).
+        "pixel_open_loop_mse": ("<=", 0.15),
+        "pixel_pos_error_px_t5": ("<=", 16.0),
+        # Rankings, the improvement loop and planning: FAST's policies are all at 0% real success, so
+        # their correlations and rates carry no level (full mode and the README do): no bar.
     },
     "08_test_time_scaling": {
-        "base_success": ("<=", 0.95),  # the base must leave room (0.75 in FAST, 0.51 in full mode)
-        "verifier_loss_last": ("<=", 4.1),  # InfoNCE falls from ~4.5
-        "heldout_accuracy_mirror": (">=", 0.85),
-        "heldout_accuracy_noise": (">=", 0.7),
-        "heldout_accuracy_speed": (">=", 0.7),
-        "success_vhard_n4": (">=", 0.6),  # 0.85 measured; a broken verifier or argmax gives <= 0.45 (untrained)
-        "success_v20_n4": (">=", 0.6),
-        "collision_vhard_n4": ("<=", 0.2),  # 0.0 measured
-        "success_control_n4": ("between", (0.0, 1.0)),
-        "success_critic_n4": ("between", (0.0, 1.0)),  # the FAST critic (20 rollouts) is poor: 0.10
-        "power_law_slope": ("between", (-0.5, -0.1)),  # CoVer's power law: -0.26 in FAST, -0.23 full
+        "base_success": ("<=", 0.95),  # the base must leave room (0.30-0.45 in seeds 0-4)
+        "verifier_loss_last": ("<=", 4.1),  # InfoNCE falls from ~4.5 (3.46-3.58)
+        "heldout_accuracy_mirror": (">=", 0.85),  # 0.95-0.96
+        "heldout_accuracy_noise": (">=", 0.7),  # 0.86-0.89
+        "heldout_accuracy_speed": (">=", 0.7),  # 0.86-0.93
+        # Best of 4 by the verifier beats the base policy's own sample (seeds 0-4, minus base success:
+        # hard negatives +0.10..+0.40, 20 negatives +0.15..+0.50). A random choice among the 4 (the
+        # control) and the FAST critic (20 rollouts) vary too much across seeds to bar.
+        "success_vhard_n4": (">=", Rel("base_success", 0.05)),
+        "success_v20_n4": (">=", Rel("base_success", 0.1)),
+        "collision_v20_n4": ("<=", Rel("base_collision_rate", -0.1)),  # 0-0.15 vs the base's 0.25-0.6
+        "power_law_slope": ("between", (-0.5, -0.1)),  # CoVer's power law: -0.26..-0.30 in FAST, -0.23 full
     },
     "09_sim_to_real": {
-        # FAST (30-step replay, CEM 3 x 8): error 0.065 -> 0.032 rad, latency 2 and gain 0.913 recovered
-        # (the "real" arm's truth: gain 0.93, latency 2).
+        # FAST (30-step replay, CEM 3 x 8), seeds 0-4: error 0.0655 -> 0.023-0.040 rad, latency 1-2 and
+        # gain 0.91-1.01 recovered (the "real" arm's truth: gain 0.93, latency 2).
         "sysid_error_nominal": ("between", (0.05, 0.09)),
-        "sysid_error_identified": ("<=", 0.045),
+        "sysid_error_identified": ("<=", Rel("sysid_error_nominal", -0.02)),
         "sysid_latency": ("between", (1, 3)),
-        "sysid_gain": ("between", (0.85, 1.0)),
-        # Policies are plumbing only in FAST (30 training steps, 40-step episodes: all 0%).
-        "sim_success_nominal": ("between", (0.0, 1.0)),
-        "sim_success_real": ("between", (0.0, 1.0)),
-        "co_trained_success_real": ("between", (0.0, 1.0)),
-        "mmrv_identified": ("between", (0.0, 1.0)),
-        "pearson_identified": ("between", (-1.0, 1.0)),
+        "sysid_gain": ("between", (0.85, 1.05)),
+        # The policies train 30 steps in FAST (0% everywhere): no bar; full mode has the numbers.
     },
     "10_deploy": {
         "teleop_success": (">=", 1.0),  # the scripted operator's episode, fumbles included, succeeds
-        "teleop_interventions": (">=", 2),  # its jerk and its NaN are caught by the safety layer (5 measured)
+        "teleop_interventions": (">=", 2),  # its jerk and its NaN are caught by the safety layer (5-6 measured)
         "recorded_episodes": ("==", 12),
         "recorded_success": (">=", 0.9),  # 1.0 measured
-        "policy_success": ("between", (0.0, 1.0)),  # 200 training steps: no level in FAST (full: 83%)
         "served_chunks": (">=", 3),  # 5 measured in 40 real-time steps through the policy server
-        # Timing is measured and reported (9-16 ms round trip, 0.05-1.6 ms jitter at 20 Hz), not gated:
-        # these only check that the numbers exist (benchmarks/robot.py is where speed lives).
+        # Timing is measured and reported (7-12 ms round trip, 0.05-1.7 ms jitter at 20 Hz), not gated:
+        # these only check that the numbers exist and are finite (benchmarks/robot.py is where speed lives).
         "rtt_p50_ms": ("between", (0.0, 1e4)),
         "jitter_std_ms": ("between", (0.0, 1e4)),
-        "adapter_mse_gain_age15": (">=", 0.0),  # the adapter lowers held-out error (0.17 FAST, 0.06 full)
-        "adapter_mse_stale_age15": ("between", (0.0, 1.0)),
-        "latency_none_d0": ("between", (0.0, 1.0)),
+        "adapter_mse_gain_age15": (">=", 0.0),  # the adapter lowers held-out error (0.02-0.17 FAST, 0.06 full)
+        "adapter_mse_stale_age15": ("<=", 0.5),  # 0.19-0.26: a broken adapter or data path shows here
+        # The policy trains 200 steps (0-20% success; full mode 83%): no bar.
     },
 }
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
-from notebook_utils import assert_bars, assert_fails_at, first_stub_cell, run_notebook
+from notebook_utils import Rel, assert_bars, assert_fails_at, first_stub_cell, run_notebook
 
 from labkit.teach import (
     ExerciseFailed,
@@ -289,6 +289,12 @@ def test_harness_runs_solution_and_student_copy(tmp_path):
     assert_bars("99_demo", recorded, {"answer": ("==", 42), "fast": ("==", True), "seed": ("between", (0, 0))})
     with pytest.raises(AssertionError, match=r"answer = 42, expected >= 50.*missing: not recorded"):
         assert_bars("99_demo", recorded, {"answer": (">=", 50), "missing": ("<=", 1)})
+    # Relative bars read another metric of the same run.
+    assert_bars("99_demo", {"base": 0.4, "rl": 0.35}, {"rl": (">=", Rel("base", -0.1))})
+    with pytest.raises(AssertionError, match=r"rl = 0.2, expected >= base \(0.4\) -0.1"):
+        assert_bars("99_demo", {"base": 0.4, "rl": 0.2}, {"rl": (">=", Rel("base", -0.1))})
+    with pytest.raises(AssertionError, match=r"base: not recorded"):
+        assert_bars("99_demo", {"rl": 0.2}, {"rl": (">=", Rel("base", -0.1))})
 
     student = nbformat.read(out / "99_demo.ipynb", as_version=4)
     stub = first_stub_cell(student)

@@ -65,6 +65,18 @@ def test_predict_shapes_and_member_choice(trained):
     assert torch.allclose(nxt[0], nxt[3])  # same member, no sampling: same prediction
 
 
+def test_imagined_states_stay_near_the_data(trained):
+    # Far outside the training states the model's output means nothing and compounds (a FAST lesson 07
+    # rollout reached |s| ~ 5e5 and trained a NaN policy): predictions are kept in the widened data box.
+    wm, _, val = trained
+    far = torch.full((3, 6), 50.0)
+    nxt, _ = wm.predict(far, torch.ones(3, 2) * 10, sample=False)
+    assert (nxt <= wm.high_s).all() and (nxt >= wm.low_s).all()
+    states = torch.as_tensor(val["state"])
+    assert (states >= wm.low_s).all() and (states <= wm.high_s).all()  # held-out real states lie inside
+    assert (wm.high_s - wm.low_s).max() < 10  # the box is the data's, not unbounded
+
+
 def test_failures_teach_the_failure_head(trained):
     wm, eps, _ = trained
     crash = {"state": np.array([[0.0, -0.3, 0, 0.4, 0, 0.7], [0.0, -0.25, 0, 0.5, 0, 0.7], [0.0, -0.2, 0, 0.5, 0, 0.7],

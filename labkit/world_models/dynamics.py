@@ -108,6 +108,9 @@ class StateWorldModel(SavedWorldModel, nn.Module):
         for name, dim in (("s", state_dim), ("a", action_dim), ("d", state_dim)):
             self.register_buffer(f"mean_{name}", torch.zeros(dim))
             self.register_buffer(f"std_{name}", torch.ones(dim))
+        # The box of states seen in training, widened by a margin: imagined states are kept inside it.
+        self.register_buffer("low_s", torch.full((state_dim,), -float("inf")))
+        self.register_buffer("high_s", torch.full((state_dim,), float("inf")))
         self.history: list[dict] = []  # one dict per logged training step (loss, validation error)
         self._opt: torch.optim.Optimizer | None = None
 
@@ -144,7 +147,7 @@ class StateWorldModel(SavedWorldModel, nn.Module):
         probs = torch.sigmoid(logits)
         mean, logvar = mean[member, rows], logvar[member, rows]
         delta = mean + (torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=generator) if sample else 0.0)
-        out = (state + self.mean_d + self.std_d * delta, probs[member, rows])
+        out = (self.bounded(state + self.mean_d + self.std_d * delta), probs[member, rows])
         return (*out, probs) if all_events else out
 
     @torch.no_grad()
@@ -154,7 +157,13 @@ class StateWorldModel(SavedWorldModel, nn.Module):
         if state.ndim != 3 or state.shape[0] != self.config.ensemble:
             raise ValueError(f"state must be [ensemble={self.config.ensemble}, M, D], got {tuple(state.shape)}")
         mean, _, logits = self(state, action)
-        return state + self.mean_d + self.std_d * mean, torch.sigmoid(logits)
+        return self.bounded(state + self.mean_d + self.std_d * mean), torch.sigmoid(logits)
+
+    def bounded(self, state: torch.Tensor) -> torch.Tensor:
+        """States clamped into the (widened) box of the training states. Compounding imagination can leave
+        the data, where the model's output means nothing: one Detour rollout reached |s| ~ 5e5 in 20
+        steps and turned the policy trained on it to NaN (lesson 07, FAST, seed 4)."""
+        return torch.minimum(torch.maximum(state, self.low_s), self.high_s)
 
     # ---- training -------------------------------------------------------------------------------
     def set_normalizer(self, data: dict[str, np.ndarray]) -> None:
@@ -165,6 +174,11 @@ class StateWorldModel(SavedWorldModel, nn.Module):
             x = torch.as_tensor(x, dtype=torch.float32)
             getattr(self, f"mean_{name}").copy_(x.mean(0))
             getattr(self, f"std_{name}").copy_(x.std(0).clamp(min=1e-3))
+        states = torch.as_tensor(np.concatenate([data["state"], data["next_state"][has]]), dtype=torch.float32)
+        lo, hi = states.min(0).values, states.max(0).values
+        margin = 0.25 * (hi - lo) + 1e-3  # room to extrapolate a little, not to run away
+        self.low_s.copy_(lo - margin)
+        self.high_s.copy_(hi + margin)
 
     def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         """Gaussian NLL on the delta (rows with a next state) + event cross-entropy, for batch [E, B, .]."""
