@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from labkit.data.keys import is_image_feature
+
 # On CPU, PyTorch's Mish is slow: at width 256 it took 8x SiLU's time forward, and Mish forward and
 # backward were a quarter of a flow policy's training step (measured, one thread; benchmarks/README.md).
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU, "silu": nn.SiLU, "mish": nn.Mish}
@@ -73,9 +75,6 @@ class ConvEncoder(nn.Module):
         return self.net(x)
 
 
-IMAGE_PREFIX = "observation.images."
-
-
 class ObsEncoder(nn.Module):
     """Normalised observation history {key: [B, T, ...]} -> features [B, out_dim].
 
@@ -85,7 +84,7 @@ class ObsEncoder(nn.Module):
     def __init__(self, shapes: dict[str, list[int]], obs_horizon: int, image_dim: int = 64):
         super().__init__()
         self.keys = sorted(shapes)
-        self.image_keys = [k for k in self.keys if k.startswith(IMAGE_PREFIX)]
+        self.image_keys = [k for k in self.keys if is_image_feature(k)]
         self.vector_keys = [k for k in self.keys if k not in self.image_keys]
         self.obs_horizon = obs_horizon
         self.image = ConvEncoder(image_dim) if self.image_keys else None

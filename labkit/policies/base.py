@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from labkit.data import Normalizer
-from labkit.data.keys import env_key
+from labkit.data.keys import env_key, is_image_feature
 from labkit.policies.runtime import ChunkRuntime
 from labkit.training import log_loss
 
@@ -110,7 +110,7 @@ class Policy(ChunkRuntime, L.LightningModule):
         self.shapes = {k: list(shapes[k]) for k in (*config.obs_keys, "action")}
         self.stats = {k: {s: np.asarray(v).tolist() for s, v in stats[k].items()} for k in self.shapes if k in stats}
         self.action_dim = self.shapes["action"][0]
-        modes = {k: ("min_max" if k == "action" else "identity" if k.startswith("observation.images") else "mean_std")
+        modes = {k: ("min_max" if k == "action" else "identity" if is_image_feature(k) else "mean_std")
                  for k in self.shapes}
         self.normalizer = Normalizer.from_stats(self.stats, modes)
         # The env interface its data was recorded with ({"env_id", "env_kwargs"}, e.g. PushT's block
@@ -149,7 +149,7 @@ class Policy(ChunkRuntime, L.LightningModule):
             if k not in obs:
                 raise KeyError(f"observation batch lacks {k!r}; it has {sorted(obs)}")
             x = torch.as_tensor(obs[k], device=self.device)
-            out[k] = x if k.startswith("observation.images") else self.normalizer.normalize(k, x.float())
+            out[k] = x if is_image_feature(k) else self.normalizer.normalize(k, x.float())
         return out
 
     # ---- training -----------------------------------------------------------------------------

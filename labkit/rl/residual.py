@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from labkit.data.keys import env_key
+from labkit.data.keys import env_key, is_image_feature
 from labkit.rl.actor import TanhGaussianActor
 from labkit.rl.buffer import MixedSampler, ReplayBuffer, transition_fields
 from labkit.rl.critics import QEnsemble, min_of_random_subset, polyak_update, target_copy
@@ -103,7 +103,7 @@ class ResidualSpace(nn.Module):
 
     def __init__(self, policy, low, high):
         super().__init__()
-        self.keys = [k for k in policy.config.obs_keys if not k.startswith("observation.images")]
+        self.keys = [k for k in policy.config.obs_keys if not is_image_feature(k)]
         if not self.keys:
             raise ValueError("the residual needs low-dimensional observations (e.g. 'observation.state'); "
                              f"the base policy sees only {list(policy.config.obs_keys)}")

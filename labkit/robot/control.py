@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from labkit.data.keys import env_key
+from labkit.data.keys import env_key, is_image_feature
 from labkit.policies.runtime import ObsHistory
 from labkit.robot.base import RealClock
 from labkit.robot.safety import SafetyConfig, SafetyLayer
@@ -49,7 +49,7 @@ class PolicyRunner:
         self.n_action_steps = int(cfg.n_action_steps)
         self.action_dim = int(policy.action_dim)
         self.shapes = {e: [int(s) for s in policy.shapes[d]] for e, d in self.keys.items()}
-        self.dtypes = {e: "uint8" if d.startswith("observation.images") else "float32" for e, d in self.keys.items()}
+        self.dtypes = {e: "uint8" if is_image_feature(d) else "float32" for e, d in self.keys.items()}
 
     def spec(self) -> dict[str, Any]:
         """What a client must send and what it gets back (the server's hello answer)."""

@@ -8,8 +8,14 @@
     wm.save("wm.pt"); wm = load_world_model("wm.pt")                         # io.py
 """
 
-import gymnasium as gym
+from __future__ import annotations
 
+from pathlib import Path
+
+import gymnasium as gym
+import torch
+
+from labkit.training import read_checkpoint
 from labkit.world_models.dynamics import (
     EVENTS,
     StateWorldModel,
@@ -27,9 +33,22 @@ from labkit.world_models.improve import (
     resample,
     weights,
 )
-from labkit.world_models.io import SavedWorldModel, load_world_model
+from labkit.world_models.io import SavedWorldModel
 from labkit.world_models.pixel import PixelPredictor, PixelWorldModel, render_episodes, robot_position
 from labkit.world_models.planning import BestOfNPlanner, CEMPlanner, ValueFunction, score_chunks
+
+
+def load_world_model(path: str | Path, map_location: str | torch.device = "cpu"):
+    """Rebuild a world model saved with `.save(path)`, in eval mode."""
+    ckpt = read_checkpoint(path, "world-model checkpoint", map_location)
+    name = ckpt.get("world_model_class")
+    if name not in SavedWorldModel.registry:
+        raise ValueError(f"{path} is not a labkit world-model checkpoint (class {name!r}; "
+                         f"known: {sorted(SavedWorldModel.registry)})")
+    model = SavedWorldModel.registry[name](**ckpt["init_args"])
+    model.load_state_dict(ckpt["state_dict"])
+    return model.eval()
+
 
 if ID not in gym.registry:  # no max_episode_steps: ImaginedEnv truncates at its own horizon
     gym.register(id=ID, entry_point="labkit.world_models.imagined:ImaginedEnv")

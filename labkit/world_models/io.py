@@ -1,4 +1,5 @@
-"""Checkpoints for world models, as policies have them: `model.save(path)` and `load_world_model(path)`.
+"""Checkpoints for world models, as policies have them: `model.save(path)`, and
+`labkit.world_models.load_world_model(path)` (in the package, which defines every world model).
 
 A checkpoint holds the class name (one of the registered world models, never arbitrary code), the
 constructor's arguments and the weights (with the normalisation buffers), and loads with
@@ -10,8 +11,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-
-from labkit.training import read_checkpoint
 
 
 class SavedWorldModel:
@@ -34,17 +33,3 @@ class SavedWorldModel:
         torch.save({"world_model_class": type(self).__name__, "init_args": self.init_args(),
                     "state_dict": self.state_dict()}, path)
         return path
-
-
-def load_world_model(path: str | Path, map_location: str | torch.device = "cpu"):
-    """Rebuild a world model saved with `.save(path)`, in eval mode."""
-    import labkit.world_models  # noqa: F401  (defines, and so registers, every world model)
-
-    ckpt = read_checkpoint(path, "world-model checkpoint", map_location)
-    name = ckpt.get("world_model_class")
-    if name not in SavedWorldModel.registry:
-        raise ValueError(f"{path} is not a labkit world-model checkpoint (class {name!r}; "
-                         f"known: {sorted(SavedWorldModel.registry)})")
-    model = SavedWorldModel.registry[name](**ckpt["init_args"])
-    model.load_state_dict(ckpt["state_dict"])
-    return model.eval()
