@@ -1,13 +1,16 @@
 """RL finetuning of pretrained policies: the shared off-policy core, written once.
 
+    agent.py     the agent contract every method implements (step, counters, eval_policy, training
+                 state; registered by its `method` name) and `train(agent, ...)`, the one driver
     buffer.py    ReplayBuffer (preallocated torch ring, dict observations) and RLPD's MixedSampler
-    returns.py   n-step and chunk-level returns with their bootstrap discounts
+    returns.py   n-step and chunk-level returns with their bootstrap discounts, and GAE
     critics.py   LayerNorm Q ensembles, min-of-random-pair and mean - rho*std targets, Polyak updates
     actor.py     tanh-Gaussian actor (noise policy, residual, edit policy) and SAC's temperature
     wrappers.py  ChunkWrapper: one agent action = one action chunk executed open-loop
 
-    loop.py      OffPolicyAgent (the shared warm-up / collect / UTD-update / evaluate loop),
-                 PolicyChunkEnv and ChunkRuntime (a chunked policy's env view and runtime contract)
+    loop.py      OffPolicyAgent (one agent step: warm-up or policy interaction, then UTD updates) and
+                 PolicyChunkEnv (a chunked policy's env view)
+    interventions.py  Takeover: an expert finishing a failing rollout (RECAP's corrections)
     best_of_n.py BestOfN: sample N chunks from any generative policy, execute the critic's argmax
 
 Methods, one per file:
@@ -23,6 +26,7 @@ Every method shares one TD target: y = reward + discount * Q̄(next_obs, a'), wh
 """
 
 from labkit.rl.actor import TanhGaussianActor, Temperature
+from labkit.rl.agent import RL_EVAL_SEED, Agent, train
 from labkit.rl.best_of_n import BestOfN, best_of, collect_chunks, dataset_chunks, fit_chunk_critic
 from labkit.rl.buffer import MixedSampler, ReplayBuffer, concat_batches, flatten_obs, transition_fields
 from labkit.rl.critics import (
@@ -43,6 +47,7 @@ from labkit.rl.returns import NStep, chunk_discount, chunk_return, gae, nstep_ba
 from labkit.rl.wrappers import ChunkWrapper
 
 __all__ = [
+    "Agent", "RL_EVAL_SEED", "train",
     "DSRL", "DSRLConfig", "NoiseSpaceEnv", "SteeredPolicy", "DPPO", "DPPOConfig", "DPPOPolicy", "EXPO", "EXPOConfig",
     "RECAP", "RECAPConfig", "AdvantageFlowPolicy", "guidance_sweep", "ResidualConfig", "ResidualPolicy", "ResidualRL",
     "BestOfN", "best_of", "collect_chunks", "dataset_chunks", "fit_chunk_critic",
