@@ -164,3 +164,81 @@ def test_control_loop_driven_through_the_server(server):
     with PolicyClient(server.url, timeout=T) as client:
         stats = ControlLoop(robot, client, clock=FakeClock(), inference_delay=1).run(20)
         assert stats.chunks >= 4 and len(client.latencies) == stats.chunks
+
+
+# ---- who can hold a slot: silent and idle connections must not lock the token holder out ----------------
+def open_silent(url, n):
+    """n connections that finish the WebSocket handshake and then never say hello."""
+    return [connect(url, open_timeout=T, close_timeout=0.5).__enter__() for _ in range(n)]
+
+
+def close_all(conns):
+    for ws in conns:
+        try:
+            ws.close()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def test_silent_connections_cannot_keep_the_token_holder_out():
+    # hello_timeout is long on purpose: the silent ones must not simply time out during the test
+    srv = PolicyServer(small_policy(), port=0, token="tok", max_clients=4, hello_timeout=30).start()
+    silent = []
+    try:
+        silent = open_silent(srv.url, 40)  # ten times max_clients, none of them ever says hello
+        for _ in range(3):  # the token holder gets in at once, every time
+            with PolicyClient(srv.url, token="tok", timeout=T) as client:
+                assert client.predict_chunk([{"state": np.zeros(6, np.float32)}]).shape == (8, 2)
+            silent += open_silent(srv.url, 10)  # and the flood goes on between tries
+        assert srv.stats["evicted"] >= 40  # the oldest silent ones were closed to make room
+    finally:
+        close_all(silent)
+        srv.stop()
+
+
+def test_idle_clients_are_closed_and_the_token_holder_is_served():
+    srv = PolicyServer(small_policy(), port=0, token="tok", max_clients=4, idle_timeout=0.3).start()
+    idle = []
+    try:
+        for _ in range(4):  # every slot taken by clients that said hello and then went quiet
+            ws = connect(srv.url, open_timeout=T, close_timeout=0.5).__enter__()
+            ws.send(msgpack.packb({"type": "hello", "token": "tok"}))
+            assert msgpack.unpackb(ws.recv(timeout=T))["type"] == "hello"
+            idle.append(ws)
+        t0 = time.time()
+        with PolicyClient(srv.url, token="tok", timeout=T) as client:  # waits for a slot, then is served
+            assert client.predict_chunk([{"state": np.zeros(6, np.float32)}]).shape == (8, 2)
+        assert time.time() - t0 < 3.0
+        for ws in idle:  # each idle one was told why it was closed
+            with pytest.raises(ConnectionClosed) as info:
+                ws.recv(timeout=T)
+            assert info.value.rcvd is not None and info.value.rcvd.code == 4408
+        assert srv.stats["idle_closed"] >= 4
+    finally:
+        close_all(idle)
+        srv.stop()
+
+
+def test_full_server_refuses_with_an_error_after_the_queue_timeout():
+    srv = PolicyServer(small_policy(), port=0, max_clients=1, queue_timeout=0.2, idle_timeout=None).start()
+    try:
+        with PolicyClient(srv.url, timeout=T) as first:
+            with pytest.raises(PolicyServerError, match="too many clients"):
+                PolicyClient(srv.url, timeout=T).connect()
+            assert first.predict_chunk([{"state": np.zeros(6, np.float32)}]).shape == (8, 2)
+        with PolicyClient(srv.url, timeout=T) as second:  # the slot is free again once the first left
+            assert second.predict_chunk([{"state": np.zeros(6, np.float32)}]).shape == (8, 2)
+    finally:
+        srv.stop()
+
+
+def test_client_reconnects_after_an_idle_close():
+    srv = PolicyServer(small_policy(), port=0, idle_timeout=0.3).start()
+    try:
+        with PolicyClient(srv.url, timeout=T) as client:
+            assert client.predict_chunk([{"state": np.zeros(6, np.float32)}]).shape == (8, 2)
+            time.sleep(0.8)  # the server closes the quiet connection meanwhile
+            assert client.predict_chunk([{"state": np.zeros(6, np.float32)}]).shape == (8, 2)
+        assert srv.stats["idle_closed"] >= 1
+    finally:
+        srv.stop()

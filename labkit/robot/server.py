@@ -14,6 +14,15 @@ compared in constant time; a frame larger than `max_message_bytes` closes that c
 before it is read into memory; every message is validated (keys, dtypes, shapes, NaN/inf) and a bad
 one gets an error answer, never a crash. A client that disconnects, even mid-request, leaves the
 server serving the others. Inference runs in one worker thread, so the event loop stays responsive.
+
+Who holds a slot: only a client that has said a valid hello (with the token, when there is one) takes
+one of the `max_clients` slots. Connections that have not said hello yet wait in a separate, small
+pool (`max_pending` in all, `max_pending_per_host` per address); when a pool is full the oldest waiting
+connection is closed to make room, so silent connections can never keep the token holder out, and each
+is closed after `hello_timeout` anyway. A client that has said hello but finds every slot taken waits
+up to `queue_timeout` for one, then gets an error and close code 1013. A client that sends nothing for
+`idle_timeout` seconds is closed (code 4408, "idle timeout"); `PolicyClient` reconnects by itself when
+that happens.
 """
 
 from __future__ import annotations
@@ -32,6 +41,8 @@ from labkit.robot.control import PolicyRunner, as_chunk_source
 
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
 PROTOCOL_VERSION = 1
+IDLE_CLOSE_CODE = 4408  # application close code: the client sent nothing for `idle_timeout` seconds
+MAX_ERROR_CHARS = 500  # error texts echo client input; keep the answers small
 
 
 class ProtocolError(ValueError):
@@ -62,7 +73,7 @@ def decode_array(d: Any, name: str, shape: list[int] | None = None, dtype: str |
         raise ProtocolError(f"{name}: shape must be {list(shape)}, got {d['shape']}")
     try:
         dt = np.dtype(d["dtype"])
-    except TypeError as e:
+    except Exception as e:  # noqa: BLE001  (numpy raises TypeError, ValueError, ... for odd strings)
         raise ProtocolError(f"{name}: unknown dtype {d['dtype']!r}") from e
     if dt.kind not in "fiub" or dt.itemsize > 8:
         raise ProtocolError(f"{name}: dtype {d['dtype']} is not a plain numeric type")
@@ -91,6 +102,10 @@ def unpack(raw: Any) -> dict:
     return msg
 
 
+def _short(text: str, n: int = MAX_ERROR_CHARS) -> str:
+    return text if len(text) <= n else text[: n - 3] + "..."
+
+
 def _check_keys(msg: dict, allowed: set[str]) -> None:
     extra = set(msg) - allowed
     if extra:
@@ -103,10 +118,18 @@ class PolicyServer:
 
     `policy`: a labkit policy (or any chunk source with `spec()` and `predict_chunk(obs dict)`).
     `port=0` picks a free port (read `server.port` after `start()`).
+    `max_clients`: clients served at once (only clients past a valid hello count);
+    `hello_timeout`: seconds a new connection has to say hello;
+    `max_pending`, `max_pending_per_host`: connections waiting for their hello, in all and per address
+    (the oldest is closed to make room for a new one);
+    `queue_timeout`: seconds a client past its hello waits for a free slot before it is refused;
+    `idle_timeout`: seconds a client may send nothing before it is closed (None: never).
     """
 
     def __init__(self, policy: Any, host: str = "127.0.0.1", port: int = 8765, token: str | None = None,
-                 max_message_bytes: int | None = None, hello_timeout: float = 5.0, max_clients: int = 32):
+                 max_message_bytes: int | None = None, hello_timeout: float = 5.0, max_clients: int = 32,
+                 max_pending: int = 64, max_pending_per_host: int = 8, queue_timeout: float = 2.0,
+                 idle_timeout: float | None = 60.0):
         if host not in LOCAL_HOSTS and not token:
             raise ValueError(f"refusing to serve on {host!r} without a token: anyone who reaches that address "
                              "could drive the robot. Pass token=... (command line: set $LABKIT_POLICY_TOKEN) and give it to the client, or bind 127.0.0.1")
@@ -120,8 +143,15 @@ class PolicyServer:
                        for k, s in self.spec["shapes"].items())
         self.max_message_bytes = int(max_message_bytes or max(64 * 1024, 2 * expected + 4096))
         self.hello_timeout, self.max_clients = float(hello_timeout), int(max_clients)
-        self.stats = {"clients": 0, "requests": 0, "errors": 0, "disconnects": 0}
-        self._clients = 0
+        self.max_pending, self.max_pending_per_host = max(1, int(max_pending)), max(1, int(max_pending_per_host))
+        self.queue_timeout = float(queue_timeout)
+        self.idle_timeout = None if idle_timeout is None else float(idle_timeout)
+        self.stats = {"clients": 0, "requests": 0, "errors": 0, "disconnects": 0,
+                      "evicted": 0, "idle_closed": 0, "refused": 0}
+        self._clients = 0  # connections past their hello that hold a slot
+        self._pending: dict[Any, str] = {}  # connections still waiting for their hello -> peer address (oldest first)
+        self._closing: set[asyncio.Task] = set()
+        self._slot_freed: asyncio.Condition | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
@@ -136,6 +166,7 @@ class PolicyServer:
 
         self._stopped = asyncio.Event()
         self._infer_lock = asyncio.Lock()
+        self._slot_freed = asyncio.Condition()
         async with serve(self._handle, self.host, self.port, max_size=self.max_message_bytes,
                          ping_interval=20, ping_timeout=20, close_timeout=2) as server:
             self.port = server.sockets[0].getsockname()[1]
@@ -185,16 +216,26 @@ class PolicyServer:
     async def _handle(self, ws) -> None:
         from websockets.exceptions import ConnectionClosed
 
-        if self._clients >= self.max_clients:
-            await ws.close(1013, "too many clients")
-            return
-        self._clients += 1
         self.stats["clients"] += 1
+        self._admit_pending(ws)
+        slot = False
         try:
             if not await self._hello(ws):
                 return
+            slot = await self._take_slot()
+            if not slot:
+                self.stats["refused"] += 1
+                await ws.send(pack({"type": "error", "id": None, "error": f"too many clients ({self.max_clients} served)"}))
+                await ws.close(1013, "too many clients")
+                return
+            await ws.send(pack({"type": "hello", "version": PROTOCOL_VERSION, "spec": self.spec}))
             while True:
-                raw = await ws.recv()
+                try:
+                    raw = await asyncio.wait_for(ws.recv(), self.idle_timeout)
+                except TimeoutError:
+                    self.stats["idle_closed"] += 1
+                    await ws.close(IDLE_CLOSE_CODE, "idle timeout")
+                    return
                 await ws.send(pack(await self._answer(raw)))
         except ConnectionClosed:
             self.stats["disconnects"] += 1
@@ -202,11 +243,54 @@ class PolicyServer:
             self.stats["errors"] += 1
             await ws.close(1011, "internal error")
         finally:
+            self._pending.pop(ws, None)
+            if slot:
+                await self._free_slot()
+
+    def _admit_pending(self, ws) -> None:
+        """Put a new connection in the pool of those waiting for their hello, closing the oldest waiting
+        one (from the same address first) when a budget is spent, so a flood cannot keep others out."""
+        addr = ws.remote_address
+        host = str(addr[0]) if isinstance(addr, tuple | list) and addr else "?"
+        same = [w for w, h in self._pending.items() if h == host]
+        if len(same) >= self.max_pending_per_host:
+            self._evict(same[0])
+        elif len(self._pending) >= self.max_pending:
+            self._evict(next(iter(self._pending)))
+        self._pending[ws] = host
+
+    def _evict(self, ws) -> None:
+        self._pending.pop(ws, None)
+        self.stats["evicted"] += 1
+        task = asyncio.ensure_future(ws.close(1008, "no hello: too many connections waiting"))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    async def _take_slot(self) -> bool:
+        """Wait up to `queue_timeout` for one of the `max_clients` slots; False if none came free."""
+        assert self._slot_freed is not None
+        try:
+            async with self._slot_freed:
+                await asyncio.wait_for(self._slot_freed.wait_for(lambda: self._clients < self.max_clients),
+                                       self.queue_timeout)
+                self._clients += 1
+                return True
+        except TimeoutError:
+            return False
+
+    async def _free_slot(self) -> None:
+        assert self._slot_freed is not None
+        async with self._slot_freed:
             self._clients -= 1
+            self._slot_freed.notify()
 
     async def _hello(self, ws) -> bool:
+        """Read and check the hello (and its token); True if the client may go on. Does not answer it:
+        the answer (the spec) comes once the client holds a slot."""
         try:
-            msg = unpack(await asyncio.wait_for(ws.recv(), self.hello_timeout))
+            raw = await asyncio.wait_for(ws.recv(), self.hello_timeout)
+            self._pending.pop(ws, None)  # it spoke: no longer a silent connection
+            msg = unpack(raw)
             if msg["type"] != "hello":
                 raise ProtocolError(f"the first message must be a hello, got {msg['type']!r}")
             _check_keys(msg, {"type", "token", "version"})
@@ -215,7 +299,7 @@ class PolicyServer:
             return False
         except ProtocolError as e:
             self.stats["errors"] += 1
-            await ws.send(pack({"type": "error", "id": None, "error": str(e)}))
+            await ws.send(pack({"type": "error", "id": None, "error": _short(str(e))}))
             await ws.close(1008, "bad hello")
             return False
         given = msg.get("token")
@@ -224,7 +308,6 @@ class PolicyServer:
             await ws.send(pack({"type": "error", "id": None, "error": "wrong or missing token"}))
             await ws.close(1008, "wrong token")
             return False
-        await ws.send(pack({"type": "hello", "version": PROTOCOL_VERSION, "spec": self.spec}))
         return True
 
     async def _answer(self, raw: Any) -> dict:
@@ -245,14 +328,14 @@ class PolicyServer:
             obs = self._validate_obs(msg.get("obs"))
         except ProtocolError as e:
             self.stats["errors"] += 1
-            return {"type": "error", "id": rid, "error": str(e)}
+            return {"type": "error", "id": rid, "error": _short(str(e))}
         t0 = time.perf_counter()
         try:
             async with self._infer_lock:  # one inference at a time, off the event loop
                 chunk = await asyncio.to_thread(self.runner.predict_chunk, obs)
         except Exception as e:  # noqa: BLE001
             self.stats["errors"] += 1
-            return {"type": "error", "id": rid, "error": f"the policy failed: {type(e).__name__}: {e}"}
+            return {"type": "error", "id": rid, "error": _short(f"the policy failed: {type(e).__name__}: {e}")}
         self.stats["requests"] += 1
         return {"type": "chunk", "id": rid, "action": encode_array(np.asarray(chunk, np.float32)),
                 "server_ms": (time.perf_counter() - t0) * 1e3}
@@ -308,13 +391,24 @@ class PolicyClient:
         return self
 
     def _call(self, msg: dict) -> dict:
+        from websockets.exceptions import ConnectionClosed
+
         if self._ws is None:
             raise PolicyServerError("not connected: call connect() first")
         self._id += 1
         msg["id"] = self._id
-        t0 = time.perf_counter()
-        self._ws.send(pack(msg))
-        reply = unpack(self._ws.recv(timeout=self.timeout))
+        try:
+            t0 = time.perf_counter()
+            self._ws.send(pack(msg))
+            reply = unpack(self._ws.recv(timeout=self.timeout))
+        except ConnectionClosed as e:  # the server closed an idle connection: reconnect once and resend
+            if e.rcvd is None or e.rcvd.code != IDLE_CLOSE_CODE:
+                raise
+            self.close()
+            self.connect()
+            t0 = time.perf_counter()
+            self._ws.send(pack(msg))
+            reply = unpack(self._ws.recv(timeout=self.timeout))
         dt = time.perf_counter() - t0
         if reply.get("type") == "error":
             raise PolicyServerError(reply.get("error"))
