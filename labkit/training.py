@@ -9,6 +9,7 @@ the windows are held as in-memory tensors and batches are index-sampled from the
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 from collections.abc import Iterator
 
@@ -70,6 +71,24 @@ def _lengths(tree):
 
 def _index(tree, idx):
     return {k: _index(v, idx) for k, v in tree.items()} if isinstance(tree, dict) else tree[idx]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training stopped because a loss was NaN or infinite: one more update would fill the weights with
+    NaN, and the run would go on to write a checkpoint that predicts only NaN."""
+
+
+def check_finite_loss(loss: torch.Tensor | float, step: int, what: str = "training loss", lr: float | None = None) -> None:
+    """Raise `NonFiniteLossError` naming `what`, the step and the likely causes when `loss` is NaN or
+    infinite. One isfinite check (on a device tensor: one host sync) per call."""
+    finite = math.isfinite(loss) if isinstance(loss, (int, float)) else bool(torch.isfinite(loss).all())
+    if not finite:
+        value = loss if isinstance(loss, (int, float)) else loss.detach().float().cpu().flatten()[0].item()
+        at_lr = f" (lr={lr:g})" if lr is not None else ""
+        raise NonFiniteLossError(
+            f"{what} is {value} at step {step} (counting from 0): training stopped before the weights turned to "
+            f"NaN. Likely causes: non-finite data (NaN or inf in the observations, actions or targets; check "
+            f"them with np.isfinite) or a too-high learning rate{at_lr}.")
 
 
 def log_loss(module: L.LightningModule, loss: torch.Tensor) -> None:
@@ -165,6 +184,8 @@ def minibatch_fit(model, loss_fn, n: int | None = None, steps: int = 1000, batch
     for step in range(steps):
         out = loss_fn(sample(gen))
         loss, extra = out if isinstance(out, tuple) else (out, None)
+        losses[step] = loss.item()
+        check_finite_loss(losses[step], step, "minibatch_fit's loss", opt.param_groups[0]["lr"])
         opt.zero_grad()
         loss.backward()
         if grad_clip is not None:
@@ -172,7 +193,6 @@ def minibatch_fit(model, loss_fn, n: int | None = None, steps: int = 1000, batch
         opt.step()
         if sched is not None:
             sched.step()
-        losses[step] = loss.item()
         if after_step is not None:
             after_step(step, losses[step], extra)
     if module is not None:

@@ -180,3 +180,23 @@ def test_demo_trains_the_configs_recipe(tmp_path, capsys):
     assert policy.data_env["env_kwargs"] == {"frame": "block", "actions": "relative"}
     assert (tmp_path / "rollout.mp4").stat().st_size > 0 and (tmp_path / "loss.png").is_file()
     assert "success" in capsys.readouterr().out
+
+
+def test_sensor_noise_on_a_constant_feature_keeps_actions_in_bounds(detour_ds, tmp_path):
+    """Detour's goal_y is 0.7 in every frame (std 0). Dividing by a 1e-6 floor turned 0.002 of sensor
+    noise into inputs of ~2000 and actions of 20-65 (the bounds are +-0.5): a constant feature must
+    normalise to 0, so noisy observations give the same actions as clean ones, also after a checkpoint."""
+    from labkit.envs.detour import MAX_SPEED
+
+    assert np.ptp(detour_ds.frames["observation.state"][:, 5]) == 0  # the premise: goal_y is constant
+    policy = BCPolicy.from_dataset(detour_ds, horizon=8, n_action_steps=4, hidden=64, layers=2)
+    fit(policy, detour_ds, steps=100, batch_size=64, progress=False)
+    loaded = labkit.load_policy(policy.save(tmp_path / "p.ckpt"))
+    obs = window_tensors(policy, detour_ds)["obs"]["observation.state"][:512]
+    g = torch.Generator().manual_seed(0)
+    noisy = obs + 0.002 * torch.randn(obs.shape, generator=g)
+    for p in (policy, loaded):
+        clean_a = p.predict_action_chunk({"observation.state": obs})
+        noisy_a = p.predict_action_chunk({"observation.state": noisy})
+        assert noisy_a.abs().max() < 2 * MAX_SPEED, noisy_a.abs().max()
+        assert (noisy_a - clean_a).abs().max() < 0.1 * MAX_SPEED

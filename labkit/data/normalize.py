@@ -19,6 +19,13 @@ from torch import nn
 
 MODES = ("min_max", "mean_std", "identity")
 EPS = 1e-6  # floor on a feature's half-range / std, so constant features give 0, never inf or NaN
+# A feature whose spread (std, or half-range for min_max) is at most CONSTANT_REL of its own magnitude
+# (|mean|, or |centre|), or at most EPS, is treated as constant: it normalises to exactly 0 and
+# unnormalises to its value. Dividing by such a spread would turn sensor noise the data never showed
+# (e.g. 0.002 on Detour's constant goal_y, std 0) into inputs of 1e3-1e6 and wild actions. Every other
+# feature is scaled exactly as before (bit for bit); the statistics themselves are unchanged, so old
+# checkpoints load as they are.
+CONSTANT_REL = 1e-5
 
 
 def default_mode(key: str, stats: Mapping[str, Any] | None = None) -> str | None:
@@ -45,8 +52,9 @@ class _Stats(nn.Module):
 
 class Normalizer(nn.Module):
     """Maps features to a network-friendly scale and back. Modes per key: "min_max" ([min, max] -> [-1, 1]),
-    "mean_std" ((x - mean) / std) or "identity". Half-ranges and stds are floored at `EPS`, so a constant
-    feature maps to 0 (and back to its value) instead of producing inf/NaN."""
+    "mean_std" ((x - mean) / std) or "identity". A constant feature (spread <= max(EPS, CONSTANT_REL *
+    magnitude)) maps to exactly 0, whatever noise the input carries, and back to its value, instead of
+    producing inf/NaN or amplifying noise a millionfold. NaN inputs stay NaN."""
 
     def __init__(self, shapes: Mapping[str, tuple[int, ...] | list[int]], modes: Mapping[str, str]):
         super().__init__()
@@ -117,26 +125,36 @@ class Normalizer(nn.Module):
         """Feature `key` (shape [..., *feature_shape]) to the normalised scale."""
         x = _float(x)
         mode, s = self._get(key)
-        if mode == "min_max":
-            center, half = (s.max + s.min) / 2, ((s.max - s.min) / 2).clamp_min(EPS)
-            return (x - center.to(x.dtype)) / half.to(x.dtype)
-        if mode == "mean_std":
-            return (x - s.mean.to(x.dtype)) / s.std.clamp_min(EPS).to(x.dtype)
-        return x
+        if mode == "identity":
+            return x
+        center, scale, const = _affine(mode, s)
+        d = x - center.to(x.dtype)
+        out = d / scale.to(x.dtype)
+        return torch.where(const, d * 0, out)  # d * 0: a NaN input stays NaN; no host sync, no branch
 
     def unnormalize(self, key: str, x: torch.Tensor | np.ndarray) -> torch.Tensor:
         """The inverse of `normalize`: back to physical units."""
         x = _float(x)
         mode, s = self._get(key)
-        if mode == "min_max":
-            center, half = (s.max + s.min) / 2, ((s.max - s.min) / 2).clamp_min(EPS)
-            return x * half.to(x.dtype) + center.to(x.dtype)
-        if mode == "mean_std":
-            return x * s.std.clamp_min(EPS).to(x.dtype) + s.mean.to(x.dtype)
-        return x
+        if mode == "identity":
+            return x
+        center, scale, const = _affine(mode, s)
+        out = x * scale.to(x.dtype) + center.to(x.dtype)
+        return torch.where(const, x * 0 + center.to(x.dtype), out)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}: {m}" for k, m in self.modes.items())
+
+
+def _affine(mode: str, s: _Stats) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(centre, scale, constant mask) of one feature: normalised = (x - centre) / scale, except where the
+    feature is constant (scale <= max(EPS, CONSTANT_REL * |centre|)), which normalises to 0."""
+    if mode == "min_max":
+        center, spread = (s.max + s.min) / 2, (s.max - s.min) / 2
+    else:
+        center, spread = s.mean, s.std
+    const = spread <= torch.clamp_min(center.abs() * CONSTANT_REL, EPS)
+    return center, spread.clamp_min(EPS), const
 
 
 def _float(x: torch.Tensor | np.ndarray) -> torch.Tensor:

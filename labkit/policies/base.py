@@ -22,7 +22,7 @@ import torch
 from labkit.data import Normalizer
 from labkit.data.keys import env_key, is_image_feature
 from labkit.policies.runtime import ChunkRuntime
-from labkit.training import log_loss
+from labkit.training import check_finite_loss, log_loss
 
 # Env options that change what the state and the action mean, with their defaults: a policy is rolled
 # out with the values it was trained with. (Physics options such as friction stay the caller's choice;
@@ -157,6 +157,9 @@ class Policy(ChunkRuntime, L.LightningModule):
         obs = self.normalize_obs(batch["obs"])
         action = self.normalizer.normalize("action", batch["action"].float())
         loss = self.loss(obs, action, batch["action_is_pad"])
+        if not torch.isfinite(loss):  # one check (one host sync) a step: stop before NaN reaches the weights
+            step = self.global_step if self._trainer is not None else batch_idx
+            check_finite_loss(loss, step, f"{type(self).__name__}'s training loss", self.config.lr)
         self.loss_history.append(loss.detach())
         log_loss(self, loss)
         return loss
