@@ -20,11 +20,60 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
+from labkit.envs.base import check_bool, check_int, check_number, check_scale
 from labkit.robot.sim import SimRobot
 
 TWIN = "labkit/ArmTwin-v0"
 ARM = "labkit/ArmPickCube-v0"
 JOINTS = slice(0, 5)  # the arm's joint angles in `state` (the gripper opening depends on contacts)
+
+
+# Allowed values of the twin's own options (the task's options are checked by the task).
+GAIN_RANGE, OFFSET_RANGE, DEADBAND_RANGE, SENSOR_NOISE_RANGE = (0.1, 10.0), (-1.0, 1.0), (0.0, 1.0), (0.0, 1.0)
+MAX_LATENCY = 100  # control steps, for latency_steps and obs_latency_steps
+
+
+def _check_per_action(name: str, value, lo: float, hi: float, ranges: bool = True) -> None:
+    """A number, a (low, high) tuple range (`ranges`), or a list/array with one finite value per action,
+    all in [lo, hi]."""
+    if ranges and isinstance(value, tuple):
+        check_scale(name, value, lo, hi)
+        return
+    if isinstance(value, list | tuple | np.ndarray):
+        arr = np.asarray(value)
+        if arr.dtype.kind not in "iuf" or arr.ndim != 1 or arr.size == 0:
+            raise TypeError(f"{name} must be a number, a (low, high) range or a list of numbers (one per action) "
+                            f"in [{lo}, {hi}], got {value!r}")
+        if not (np.isfinite(arr).all() and (arr >= lo).all() and (arr <= hi).all()):
+            raise ValueError(f"{name} values must be finite and in [{lo}, {hi}], got {value!r}")
+        return
+    check_number(name, value, lo, hi)
+
+
+def _check_twin_options(env_id, gain, offset, latency_steps, robot_kwargs: dict) -> None:
+    """Every option of the twin finite, typed and in range, with an error naming it (NaN used to pass)."""
+    if not isinstance(env_id, str):
+        raise TypeError(f"env_id must be a registered env id (str), got {env_id!r}")
+    if gain is not None:
+        _check_per_action("gain", gain, *GAIN_RANGE)
+    if offset is not None:
+        _check_per_action("offset", offset, *OFFSET_RANGE)
+    if latency_steps is not None:
+        check_scale("latency_steps", latency_steps, 0, MAX_LATENCY, integer=True)
+    kw = robot_kwargs
+    if kw.get("deadband") is not None:
+        _check_per_action("deadband", kw["deadband"], *DEADBAND_RANGE, ranges=False)  # no ranges: per action
+    if kw.get("sensor_noise") is not None:
+        check_number("sensor_noise", kw["sensor_noise"], *SENSOR_NOISE_RANGE)
+    if "obs_latency_steps" in kw:
+        check_int("obs_latency_steps", kw["obs_latency_steps"], 0, MAX_LATENCY)
+    if "real" in kw:
+        check_bool("real", kw["real"])
+    if kw.get("seed") is not None:
+        check_int("seed", kw["seed"], 0, 2**63 - 1)
+    for name in ("action_mode", "ee_site"):
+        if kw.get(name) is not None and not isinstance(kw[name], str):
+            raise TypeError(f"{name} must be a str or None, got {kw[name]!r}")
 
 
 class RobotEnv(gym.Env):
@@ -40,10 +89,14 @@ class RobotEnv(gym.Env):
         for name, v in (("gain", gain), ("offset", offset), ("latency_steps", latency_steps)):
             if isinstance(v, tuple) and (len(v) != 2 or not v[0] <= v[1]):
                 raise ValueError(f"{name} range must be (low, high) with low <= high, got {v}")
-        if isinstance(latency_steps, tuple) and latency_steps[0] < 0:
-            raise ValueError(f"latency_steps must be >= 0, got {latency_steps}")
-        self.robot = SimRobot(env_id, gain=fixed(gain), offset=0.0 if isinstance(offset, tuple) else offset,
-                              latency_steps=fixed(latency_steps), render_mode=render_mode, **robot_kwargs)
+        _check_twin_options(env_id, gain, offset, latency_steps, robot_kwargs)
+        try:
+            self.robot = SimRobot(env_id, gain=fixed(gain), offset=0.0 if isinstance(offset, tuple) else offset,
+                                  latency_steps=fixed(latency_steps), render_mode=render_mode, **robot_kwargs)
+        except ValueError as e:
+            if "broadcast" not in str(e):
+                raise
+            raise ValueError(f"gain, offset and deadband lists need one value per action of {env_id}: {e}") from e
         self.render_mode = render_mode
         task = self.robot.env
         self.action_space, self.observation_space = task.action_space, task.observation_space

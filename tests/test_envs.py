@@ -134,3 +134,94 @@ def test_out_of_range_actions_act_as_clipped(env_id):
         a, b = envs[0].step(wild), envs[1].step(np.clip(wild, -high, high))
         np.testing.assert_array_equal(a[0]["state"], b[0]["state"])
         assert a[1:] == b[1:]
+
+
+# ---- option validation (issue "Hardening" item 5) -------------------------------------------------------
+TASK_IDS = ["labkit/Detour-v0", "labkit/PushT-v0", "labkit/PegInsert-v0", "labkit/ArmPickCube-v0"]
+NAN, INF = float("nan"), float("inf")
+BAD_OPTIONS = [  # (option, value): each was accepted (NaN observations, or silently coerced) or gave an error
+    # that did not name the option
+    ("friction", NAN), ("friction", INF), ("mass", NAN), ("mass", INF), ("damping", NAN), ("friction", (0.5, INF)),
+    ("friction", 1e300), ("mass", 1e-12), ("friction", True), ("obs_noise", NAN), ("obs_noise", INF),
+    ("obs_noise", -0.1), ("obs_noise", 1e300), ("image_size", 0), ("image_size", -5), ("image_size", 8),
+    ("image_size", 10**6), ("image_size", 64.5), ("image_size", NAN), ("terminate_on_success", "no"),
+    ("terminate_on_success", NAN), ("friction", "1.0"), ("obs_noise", "0.1"), ("image_size", "96"),
+    ("friction", np.ones(2)), ("obs_mode", np.array(["state"])),
+]
+
+
+def make_task(env_id, **kwargs):
+    """The task class itself: gymnasium's make adds all kwargs to a TypeError's message, which would let
+    an error that does not name the option pass `match`."""
+    return labkit.envs._load(labkit.envs.TASKS[env_id][0])(**kwargs)
+
+
+@pytest.mark.parametrize("env_id", TASK_IDS)
+@pytest.mark.parametrize("option, value", BAD_OPTIONS, ids=[f"{k}={v!r}" for k, v in BAD_OPTIONS])
+def test_bad_numeric_options_are_errors_naming_the_option(env_id, option, value):
+    with pytest.raises((ValueError, TypeError), match=option):
+        make_task(env_id, **{option: value})
+
+
+def test_nan_friction_used_to_give_nan_observations():
+    """The probe of the issue: `friction=nan` built an env whose observations were NaN."""
+    with pytest.raises(ValueError, match=r"friction.*nan"):
+        gym.make("labkit/PushT-v0", friction=NAN)
+
+
+@pytest.mark.parametrize("env_id, kwargs, name", [
+    ("labkit/ArmPickCube-v0", {"actuator_gain": "2"}, "actuator_gain"),
+    ("labkit/ArmPickCube-v0", {"latency": True}, "latency"), ("labkit/ArmPickCube-v0", {"latency": 10**9}, "latency"),
+    ("labkit/Detour-v0", {"mass": 0.1}, "mass"),  # unstable below 0.25x (MuJoCo resets the blown-up state)
+])
+def test_task_specific_bad_options(env_id, kwargs, name):
+    with pytest.raises((ValueError, TypeError), match=name):
+        make_task(env_id, **kwargs)
+
+
+def test_arm_reset_placement_must_be_finite():
+    # a NaN cube used to hang reset: the zone is redrawn until it is 8 cm from the cube, never true for NaN
+    env = gym.make("labkit/ArmPickCube-v0")
+    with pytest.raises(ValueError, match="cube"):
+        env.reset(seed=0, options={"cube": (0.2, NAN, 0.0)})
+    with pytest.raises(ValueError, match="zone"):
+        env.reset(seed=0, options={"zone": (INF, 0.0)})
+
+
+def test_render_size_is_checked_when_set():
+    env = gym.make("labkit/Detour-v0", render_mode="rgb_array").unwrapped
+    for bad in (0, 8, 10**5, 64.0, NAN):
+        with pytest.raises((ValueError, TypeError), match="render_size"):
+            env.render_size = bad
+    env.render_size = 64
+    env.reset(seed=0)
+    assert env.render().shape == (64, 64, 3)
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    ({"gain": NAN}, "gain"), ({"gain": (0.9, INF)}, "gain"), ({"gain": [1.0, NAN, 1, 1, 1, 1]}, "gain"),
+    ({"offset": INF}, "offset"), ({"latency_steps": 1.5}, "latency_steps"), ({"latency_steps": (0, INF)}, "latency_steps"),
+    ({"sensor_noise": NAN}, "sensor_noise"), ({"deadband": -1.0}, "deadband"), ({"real": "yes"}, "real"),
+    ({"friction": NAN}, "friction"),
+])
+def test_twin_options_are_checked(kwargs, name):
+    from labkit.sim2real import RobotEnv
+
+    with pytest.raises((ValueError, TypeError), match=name):
+        RobotEnv(**{"real": True, **kwargs})
+
+
+@pytest.mark.parametrize("env_id, kwargs", [
+    ("labkit/Detour-v0", {"mass": 0.25, "friction": (0.05, 20.0), "damping": [0.05, 0.06], "obs_noise": 1.0}),
+    ("labkit/PushT-v0", {"mass": 0.05, "damping": 0.05, "friction": 20, "image_size": np.int64(16)}),
+    ("labkit/PegInsert-v0", {"mass": 20.0, "damping": (0.05, 20.0), "obs_noise": 0}),
+    ("labkit/ArmPickCube-v0", {"mass": 0.05, "latency": (0, 100), "actuator_gain": 10.0, "terminate_on_success": False}),
+])
+def test_options_at_the_edges_of_their_ranges_stay_finite(env_id, kwargs):
+    """A guard, not a fault: the ends of every allowed range build and step with finite observations."""
+    env = gym.make(env_id, **kwargs)
+    rng = np.random.default_rng(0)
+    obs, _ = env.reset(seed=0)
+    for _ in range(20):
+        obs = env.step(rng.uniform(env.action_space.low, env.action_space.high).astype(np.float32))[0]
+        assert all(np.isfinite(v).all() for v in obs.values())

@@ -46,7 +46,7 @@ import mujoco
 import numpy as np
 from gymnasium import spaces
 
-from labkit.envs.base import MujocoTask, Scale
+from labkit.envs.base import MujocoTask, Scale, check_scale
 
 JOINTS = ("shoulder_pan", "shoulder_lift", "elbow_flex", "wrist_flex", "wrist_roll")
 # Joint ranges (rad) as the SO-101 description gives them.
@@ -194,11 +194,13 @@ class ArmIK:
         return self.data.qfrc_bias[self.dadr].copy()
 
 
+MAX_LATENCY = 100  # control steps (5 s): the action queue holds latency + 1 actions
+
+
 def _check_range(name: str, value, lo: float, hi: float) -> None:
-    """A number or (low, high) range inside [lo, hi], else a ValueError that names the option."""
-    vals = value if isinstance(value, tuple | list) else (value, value)
-    if len(vals) != 2 or not lo <= vals[0] <= vals[1] <= hi:
-        raise ValueError(f"{name} must be a number or a (low, high) range within [{lo}, {hi}], got {value!r}")
+    """A finite number or (low, high) range inside [lo, hi], else a ValueError (TypeError for a
+    non-number) that names the option."""
+    check_scale(name, value, lo, hi)
 
 
 def _sample(value, rng: np.random.Generator, integer: bool = False) -> float:
@@ -220,9 +222,7 @@ class ArmPickCubeEnv(MujocoTask):
         _check_range("cube_size", cube_size, 0.02, 0.045)  # what the open gripper can take
         _check_range("cube_mass", cube_mass, 1e-3, 0.3)
         _check_range("actuator_gain", actuator_gain, 0.1, 10.0)
-        lat = latency if isinstance(latency, tuple | list) else (latency, latency)
-        if len(lat) != 2 or not all(isinstance(v, int | np.integer) for v in lat) or not 0 <= lat[0] <= lat[1]:
-            raise ValueError(f"latency must be an int >= 0 or an (low, high) int range (control steps), got {latency!r}")
+        check_scale("latency", latency, 0, MAX_LATENCY, integer=True)  # control steps
         self.cube_size_opt, self.cube_mass_opt, self.gain_opt, self.latency_opt = (
             cube_size, cube_mass, actuator_gain, latency)
         super().__init__(*args, **kwargs)
@@ -262,6 +262,14 @@ class ArmPickCubeEnv(MujocoTask):
         mujoco.mj_setConst(m, d)  # refresh what the compiler derived from masses and sizes (constraint scaling)
 
         options = options or {}
+        for key, n in (("cube", 3), ("zone", 2)):  # placed by hand: (x, y, yaw) and (x, y), finite
+            if options.get(key) is not None:
+                try:
+                    v = np.asarray(options[key], dtype=np.float64)
+                except (TypeError, ValueError):
+                    v = None
+                if v is None or v.shape != (n,) or not np.isfinite(v).all():
+                    raise ValueError(f"reset option {key!r} must be {n} finite numbers, got {options[key]!r}")
         cube = np.asarray(options.get("cube", (*rng.uniform(*np.array(REGION).T), rng.uniform(-CUBE_YAW, CUBE_YAW))))
         zone = options.get("zone")
         while zone is None:

@@ -8,6 +8,8 @@ for domain randomisation (friction, mass, damping, observation noise) and headle
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +19,70 @@ import numpy as np
 from gymnasium import spaces
 
 Scale = float | tuple[float, float]
+
+# Allowed values of the physics options (multipliers on the nominal model) and of the observation noise:
+# inside these every task stays finite and stable (probed at both ends, alone and combined); a task may
+# narrow them (`MujocoTask.option_ranges`). Outside them MuJoCo goes unstable or returns NaN.
+PHYSICS_RANGE = (0.05, 20.0)
+OBS_NOISE_RANGE = (0.0, 1.0)
+MIN_IMAGE_SIZE = 16
+
+
+# ---- option validation: every check names the option, the value and what is allowed ------------------
+def _is_bool(value) -> bool:
+    return isinstance(value, bool | np.bool_)
+
+
+def _finite_in(value, lo: float, hi: float) -> bool:
+    if isinstance(value, numbers.Integral):  # exact, and no OverflowError for huge ints
+        return lo <= value <= hi
+    v = float(value)
+    return math.isfinite(v) and lo <= v <= hi
+
+
+def check_number(name: str, value, lo: float, hi: float) -> None:
+    """`value` a real number (not a bool) with lo <= value <= hi; TypeError / ValueError naming `name`."""
+    if _is_bool(value) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number in [{lo}, {hi}], got {value!r} ({type(value).__name__})")
+    if not _finite_in(value, lo, hi):
+        raise ValueError(f"{name} must be a finite number in [{lo}, {hi}], got {value!r}")
+
+
+def check_int(name: str, value, lo: int, hi: int) -> None:
+    """`value` an int (not a bool) with lo <= value <= hi."""
+    if _is_bool(value) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be an int in [{lo}, {hi}], got {value!r} ({type(value).__name__})")
+    if not isinstance(value, numbers.Integral) or not lo <= value <= hi:  # 1.5, nan: a wrong value
+        raise ValueError(f"{name} must be an int in [{lo}, {hi}], got {value!r}")
+
+
+def check_scale(name: str, value, lo: float, hi: float, *, integer: bool = False) -> None:
+    """A number, or a (low, high) range (tuple or list) with lo <= low <= high <= hi."""
+    kind = "an int" if integer else "a number"
+    allowed = f"{kind} in [{lo}, {hi}] or a (low, high) range with {lo} <= low <= high <= {hi}"
+    vals = tuple(value) if isinstance(value, tuple | list) else (value,)
+    if len(vals) not in (1, 2) or (len(vals) == 1 and isinstance(value, tuple | list)):
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+    for v in vals:
+        if _is_bool(v) or not isinstance(v, numbers.Real):
+            raise TypeError(f"{name} must be {allowed}, got {value!r} ({type(v).__name__} inside)")
+    if integer and not all(isinstance(v, numbers.Integral) for v in vals):  # 1.5, nan: a wrong value
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+    if not all(_finite_in(v, lo, hi) for v in vals) or vals[0] > vals[-1]:
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+
+
+def check_choice(name: str, value, choices: tuple) -> None:
+    """`value` one of `choices` (compared by type first, so arrays or lists are refused cleanly)."""
+    ok = any(value is c if c is None or isinstance(c, bool) else (type(value) is str and value == c)
+             for c in choices)
+    if not ok:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def check_bool(name: str, value) -> None:
+    if not _is_bool(value):
+        raise TypeError(f"{name} must be a bool (True or False), got {value!r} ({type(value).__name__})")
 
 
 @dataclass
@@ -32,11 +98,11 @@ class Physics:
         value = getattr(self, name)
         if isinstance(value, tuple | list):
             lo, hi = value
-            if not 0 < lo <= hi:
-                raise ValueError(f"{name} range must satisfy 0 < low <= high, got {value}")
+            if not (0 < lo <= hi and math.isfinite(hi)):
+                raise ValueError(f"{name} range must satisfy 0 < low <= high < inf, got {value}")
             return float(rng.uniform(lo, hi))
-        if value <= 0:
-            raise ValueError(f"{name} must be a positive multiplier, got {value}")
+        if not (value > 0 and math.isfinite(value)):
+            raise ValueError(f"{name} must be a positive, finite multiplier, got {value}")
         return float(value)
 
 
@@ -49,6 +115,9 @@ class MujocoTask(gym.Env):
     camera: str = "top"
     state_dim: int = 0
     proprio_dim: int = 0
+    # allowed values of the physics options; a task narrows them where its model needs it
+    option_ranges: dict[str, tuple[float, float]] = {
+        "friction": PHYSICS_RANGE, "mass": PHYSICS_RANGE, "damping": PHYSICS_RANGE, "obs_noise": OBS_NOISE_RANGE}
 
     def __init__(
         self,
@@ -62,24 +131,29 @@ class MujocoTask(gym.Env):
         obs_noise: float = 0.0,
         terminate_on_success: bool = True,
     ):
-        if obs_mode not in ("state", "pixels"):
+        if type(obs_mode) is not str or obs_mode not in ("state", "pixels"):
             raise ValueError(f"obs_mode must be 'state' or 'pixels', got {obs_mode!r}")
-        if reward_type not in ("sparse", "dense"):
+        if type(reward_type) is not str or reward_type not in ("sparse", "dense"):
             raise ValueError(f"reward_type must be 'sparse' or 'dense', got {reward_type!r}")
-        if render_mode not in (None, "rgb_array"):
+        if render_mode is not None and (type(render_mode) is not str or render_mode != "rgb_array"):
             raise ValueError(f"render_mode must be None or 'rgb_array', got {render_mode!r}")
+        # Validate every numeric option before any is used: NaN, inf, bools, strings and values outside
+        # the ranges are errors that name the option (a NaN friction used to give NaN observations).
+        for name, value in (("friction", friction), ("mass", mass), ("damping", damping)):
+            check_scale(name, value, *self.option_ranges[name])
+        check_number("obs_noise", obs_noise, *self.option_ranges["obs_noise"])
+        check_bool("terminate_on_success", terminate_on_success)
         self.obs_mode, self.reward_type, self.render_mode = obs_mode, reward_type, render_mode
-        self.image_size = int(image_size)
         # False: success no longer ends the episode (info["is_success"] still reports it), so an agent
         # trained on a learned reward cannot read the true success from early termination.
         self.terminate_on_success = bool(terminate_on_success)
-        self.render_size = 256  # side of `render()` frames (videos); `pixels` observations use image_size
         self.physics = Physics(friction, mass, damping, float(obs_noise))
-        for name in ("friction", "mass", "damping"):  # validate early, not at the first reset
-            self.physics.sample(np.random.default_rng(0), name)
 
         self.model = mujoco.MjModel.from_xml_string(self.xml)
         self.data = mujoco.MjData(self.model)
+        check_int("image_size", image_size, MIN_IMAGE_SIZE, self.max_image_size)
+        self.image_size = int(image_size)
+        self.render_size = 256  # side of `render()` frames (videos); `pixels` observations use image_size
         self._nominal = {
             "friction": self.model.geom_friction.copy(),
             "mass": self.model.body_mass.copy(),
@@ -124,6 +198,22 @@ class MujocoTask(gym.Env):
         return False
 
     # ---- the gymnasium contract ---------------------------------------------------------------
+    @property
+    def max_image_size(self) -> int:
+        """The largest frame side the model's offscreen buffer can render."""
+        g = self.model.vis.global_
+        return int(min(g.offwidth, g.offheight))
+
+    @property
+    def render_size(self) -> int:
+        """Side of `render()` frames (videos), an int in [16, max_image_size]; checked when set."""
+        return self._render_size
+
+    @render_size.setter
+    def render_size(self, value: int) -> None:
+        check_int("render_size", value, MIN_IMAGE_SIZE, self.max_image_size)
+        self._render_size = int(value)
+
     @property
     def control_dt(self) -> float:
         return self.model.opt.timestep * self.frame_skip

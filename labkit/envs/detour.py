@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 from gymnasium import spaces
 
-from labkit.envs.base import MujocoTask
+from labkit.envs.base import PHYSICS_RANGE, MujocoTask
 
 ARENA = 1.0  # half-width of the square arena (m)
 WALL_HALF = (0.35, 0.06)  # obstacle half-extents (x, y), centred at the origin
@@ -58,6 +58,9 @@ class DetourEnv(MujocoTask):
     frame_skip = 10
     state_dim = 6  # x, y, vx, vy, goal_x, goal_y
     proprio_dim = 4  # x, y, vx, vy
+    # A lighter robot than 0.25x is unstable under the stiff velocity servos at this time step
+    # (kv * dt / m > 2: MuJoCo reports a blow-up from 0.15x down).
+    option_ranges = {**MujocoTask.option_ranges, "mass": (0.25, PHYSICS_RANGE[1])}
 
     def _action_space(self) -> spaces.Box:
         return spaces.Box(-MAX_SPEED, MAX_SPEED, (2,), np.float32)

@@ -37,7 +37,7 @@ import mujoco
 import numpy as np
 from gymnasium import spaces
 
-from labkit.envs.base import MujocoTask
+from labkit.envs.base import MujocoTask, check_choice
 
 WORKSPACE = 0.25  # half-width of the square the pusher may be commanded to (m)
 # The T in its own frame, origin at its centroid: a bar (top) and a stem, as (centre, half-size).
@@ -176,10 +176,8 @@ class PushTEnv(MujocoTask):
     proprio_dim = 4
 
     def __init__(self, *args, frame: str = "world", actions: str = "absolute", **kwargs):
-        if frame not in FRAMES:
-            raise ValueError(f"frame must be one of {FRAMES}, got {frame!r}")
-        if actions not in ACTIONS:
-            raise ValueError(f"actions must be one of {ACTIONS}, got {actions!r}")
+        check_choice("frame", frame, FRAMES)
+        check_choice("actions", actions, ACTIONS)
         self.frame, self.actions = frame, actions
         super().__init__(*args, **kwargs)
         self._bq = self.model.joint("bx").qposadr[0]  # block qpos: x, y, z, angle

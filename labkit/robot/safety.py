@@ -34,7 +34,8 @@ class SafetyConfig:
 
     `max_delta`: largest change per command, per joint, relative to the present position (position
     mode; LeRobot's `max_relative_target`) or to the previous command (velocity/delta modes).
-    `max_velocity`: largest rate of change of the command stream, units/s, timed with the clock.
+    `max_velocity`: largest rate of change of the command stream, units/s, timed with the clock; the time
+    between two commands counts for at most one control period (`spec.dt`), so a pause banks no motion.
     `workspace`: ((xmin, ymin, zmin), (xmax, ymax, zmax)) for `fk(command)`, the end-effector position.
     `watchdog_s`: hold position when no command came for this long (seconds).
     """
@@ -91,8 +92,8 @@ class SafetyLayer:
             if lo.shape != hi.shape or np.any(lo > hi):
                 raise ValueError(f"workspace must be (low_xyz, high_xyz) with low <= high; got {c.workspace}")
             self.workspace = (lo, hi)
-        if c.watchdog_s is not None and c.watchdog_s <= 0:
-            raise ValueError(f"watchdog_s must be positive or None, got {c.watchdog_s}")
+        if c.watchdog_s is not None and not (c.watchdog_s > 0 and np.isfinite(c.watchdog_s)):
+            raise ValueError(f"watchdog_s must be positive and finite, or None, got {c.watchdog_s}")
         self.interventions: list[Intervention] = []
         self.counts = {"commands": 0, "modified": 0, "holds": 0}
         self.log_path = Path(log_path) if log_path else None
@@ -178,9 +179,7 @@ class SafetyLayer:
             kinds.append(("joint_limit", f"joints {np.flatnonzero(cmd != raw).tolist()} clamped to limits"))
         prev = self._last_cmd if self._last_cmd is not None else hold
         if self.max_velocity is not None:
-            step = self.max_velocity * max(0.0, now - (self._last_t if self._last_cmd is not None else now))
-            if self._last_cmd is None:
-                step = self.max_velocity * self.spec.dt  # first command: one nominal period
+            step = self.max_velocity * self._velocity_dt(now)
             new = np.clip(cmd, prev - step, prev + step)
             if not np.array_equal(new, cmd):
                 kinds.append(("velocity", f"rate limited to {self.max_velocity.tolist()} per s"))
@@ -210,14 +209,22 @@ class SafetyLayer:
             return False
         prev = self._last_cmd if self._last_cmd is not None else hold
         if self.max_velocity is not None:
-            dt = self.spec.dt if self._last_cmd is None else max(0.0, now - self._last_t)
-            if np.any(np.abs(cmd - prev) > self.max_velocity * dt + tol):
+            if np.any(np.abs(cmd - prev) > self.max_velocity * self._velocity_dt(now) + tol):
                 return False
         if self.max_delta is not None:
             ref = hold if self.spec.action_mode == "position" else prev
             if np.any(np.abs(cmd - ref) > self.max_delta + tol):
                 return False
         return self.workspace is None or self._in_workspace(cmd)
+
+    def _velocity_dt(self, now: float) -> float:
+        """The time the velocity limit may use for the next step: the time since the last command, but
+        never more than one control period (`spec.dt`). A pause (silence, a watchdog trip, an e-stop
+        release) must not bank time: after 5 s of silence an uncapped bound let one command jump a joint
+        5 s x max_velocity. With no previous command (connect, reset, watchdog hold) it is one period."""
+        if self._last_cmd is None or self._last_t is None:
+            return self.spec.dt
+        return min(max(0.0, now - self._last_t), self.spec.dt)
 
     def _in_workspace(self, joints: np.ndarray) -> bool:
         xyz = np.asarray(self.fk(joints), dtype=np.float64)
