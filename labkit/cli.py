@@ -4,6 +4,8 @@
     labkit datasets                 regenerate the shipped datasets with the scripted experts
     labkit fit --config YAML        a policy (configs/) or an RL method (configs/rl/) through LightningCLI
     labkit eval CKPT ENV_ID         success with a Wilson interval (a policy's or an RL run's checkpoint)
+
+A config or checkpoint that cannot be used is one line on stderr (`labkit fit: error: ...`) and exit status 2.
 """
 
 from __future__ import annotations
@@ -99,13 +101,46 @@ def demo(steps: int = 5000, episodes: int = 100, out: Path = ROOT / "runs" / "de
     print(f"training {train_min:.1f} min, total {total:.1f} min; wrote {out}/rollout.mp4, loss.png, policy.ckpt")
 
 
+def _fail(command: str, error) -> None:
+    """A named error as one line on stderr, and exit status 2 (as for a bad argument)."""
+    from labkit.fitting.cli import one_line
+
+    print(f"labkit {command}: error: {one_line(error)}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def _load_for_eval(path: str):
+    """The policy `labkit eval` rolls out: a policy checkpoint's, or an RL run's finetuned one. A missing,
+    truncated or foreign file, or one that does not rebuild, is a ValueError or FileNotFoundError naming it."""
+    from labkit.fitting.rl import agent_from_checkpoint
+    from labkit.policies import policy_from_checkpoint
+    from labkit.training import read_checkpoint
+
+    ckpt = read_checkpoint(path)  # named errors, before anything else reads the file
+    try:
+        if "rl_training_state" in ckpt:  # an RL run's (labkit fit --config configs/rl/...)
+            return agent_from_checkpoint(ckpt, path).eval_policy()
+        return policy_from_checkpoint(ckpt, path)
+    except (KeyError, TypeError, AttributeError, RuntimeError) as e:  # hyper_parameters or weights that don't fit
+        raise ValueError(f"cannot rebuild a policy from {path}: {type(e).__name__}: {e}") from e
+
+
 def main(argv=None) -> int:
     if (sys.argv[1:] if argv is None else list(argv))[:1] == ["fit"]:
         # LightningCLI parses its own arguments (--config, --trainer.*, --model.*); from the command
         # line it reads sys.argv itself.
         from labkit.fitting import main as fit_main
+        from labkit.fitting.cli import ConfigError
 
-        fit_main(None if argv is None else list(argv))
+        try:
+            fit_main(None if argv is None else list(argv))
+        except ConfigError as e:  # the config itself (a file, a field): found before anything was built
+            _fail("fit", e)
+        except (ValueError, FileNotFoundError, FloatingPointError) as e:
+            # Named errors while building or training: one line from the command line; raised in Python.
+            if argv is not None:
+                raise
+            _fail("fit", e)
         return 0
     p = argparse.ArgumentParser(prog="labkit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -144,13 +179,16 @@ def main(argv=None) -> int:
         except (FileNotFoundError, ValueError) as err:
             p.error(str(err))
     elif a.cmd == "eval":
-        from labkit import load_policy
         from labkit.eval import evaluate
-        from labkit.fitting import is_rl_checkpoint, load_agent
+        from labkit.fitting.rl import check_env_id
 
-        # An RL run's checkpoint (labkit fit --config configs/rl/...) rolls out its finetuned policy.
-        policy = load_agent(a.checkpoint).eval_policy() if is_rl_checkpoint(a.checkpoint) else load_policy(a.checkpoint)
-        print(evaluate(policy, a.env_id, episodes=a.episodes, seed=a.seed).summary())
+        try:
+            check_env_id(a.env_id)
+            policy = _load_for_eval(a.checkpoint)
+            result = evaluate(policy, a.env_id, episodes=a.episodes, seed=a.seed)
+        except (ValueError, FileNotFoundError) as e:
+            _fail("eval", e)
+        print(result.summary())
     return 0
 
 

@@ -182,3 +182,44 @@ def test_rl_checkpoints_embed_their_base_policy(peg_base, tmp_path, monkeypatch)
     after = load_agent(last).eval_policy()
     after.reset()
     np.testing.assert_array_equal(after.select_action(obs), want)
+
+
+# ---- an RL checkpoint's or config's env id: only registered labkit tasks reach gym.make (Hardening) ---
+def test_rl_module_refuses_an_env_id_that_is_not_a_labkit_task(peg_base, monkeypatch):
+    import gymnasium as gym
+
+    from labkit.fitting import RLModule
+
+    monkeypatch.setattr(gym, "make", lambda *a, **k: pytest.fail("gym.make was reached"))
+    for env_id in ("os:system", "CartPole-v1", "labkit/NoSuchTask-v0", 5):
+        with pytest.raises(ValueError, match="env_id must be a registered labkit task"):
+            RLModule("dsrl", env_id, policy=str(peg_base))
+
+
+def test_rl_config_env_id_and_fields_are_named(peg_base, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.argv", ["labkit"])
+    dsrl = next(c for c in CONFIGS if c.stem == "dsrl_peg")
+    for change, error in [({"env_id": "os:system"}, "model.env_id: env_id must be a registered labkit task"),
+                          ({"config": {"utd": "x"}}, "model.config.utd must be an integer, got 'x'")]:
+        with pytest.raises(SystemExit) as exit_:
+            _fit(_small_config(dsrl, peg_base, tmp_path, **change))
+        assert exit_.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith("labkit fit: error: ") and error in err[-1], err
+
+
+def test_rl_checkpoint_with_a_foreign_env_id_is_refused(peg_base, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    _fit(_small_config(next(c for c in CONFIGS if c.stem == "dsrl_peg"), peg_base, tmp_path, steps=2))
+    ckpt = torch.load(tmp_path / "runs" / "dsrl_peg" / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)
+    ckpt["hyper_parameters"]["env_id"] = "os:system"
+    torch.save(ckpt, tmp_path / "evil.ckpt")
+    with pytest.raises(ValueError, match="env_id must be a registered labkit task"):
+        load_agent(tmp_path / "evil.ckpt")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        cli(["eval", str(tmp_path / "evil.ckpt"), "labkit/PegInsert-v0", "--episodes", "1"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "env_id must be a registered labkit task" in err[0], err

@@ -31,11 +31,41 @@ from pathlib import Path
 
 import lightning as L
 import numpy as np
-import torch
 from torch import nn
 
 from labkit.rl.agent import RL_EVAL_SEED, Agent
 from labkit.training import read_checkpoint
+
+
+def check_env_id(env_id) -> str:
+    """`env_id` if it is a registered labkit task (`labkit/...` in gymnasium's registry), else a ValueError.
+    A checkpoint's or a config's env id goes to `gym.make`, which imports whatever module an id names
+    before a colon ("os:system"): only labkit's own tasks are made."""
+    import gymnasium as gym
+
+    import labkit.envs  # noqa: F401  (registers the tasks)
+
+    known = sorted(k for k in gym.registry if k.startswith("labkit/"))
+    if not isinstance(env_id, str) or env_id not in known:
+        raise ValueError(f"env_id must be a registered labkit task ({', '.join(known)}), got {env_id!r}")
+    return env_id
+
+
+def config_class(agent_cls) -> type | None:
+    """The config dataclass an Agent class takes (`DSRLConfig` for DSRL, ...), read from its `config`
+    annotation; None when it names none."""
+    import dataclasses
+    import typing
+
+    try:
+        hint = typing.get_type_hints(agent_cls.__init__).get("config")
+    except Exception:  # an annotation that does not resolve: no check
+        return None
+    for t in (*typing.get_args(hint), hint):
+        if isinstance(t, type) and dataclasses.is_dataclass(t):
+            return t
+    return None
+
 
 ONE_PROCESS = ("RL methods train in one CPU process (the agent steps its own environments): "
                "use --trainer.accelerator cpu --trainer.devices 1")
@@ -79,8 +109,9 @@ class RLModule(L.LightningModule):
         from labkit.data.shipped import open_dataset
         from labkit.policies import load_policy, policy_from_checkpoint
 
-        if method not in Agent.registry:
+        if not isinstance(method, str) or method not in Agent.registry:
             raise ValueError(f"unknown method {method!r}; choose from {', '.join(sorted(Agent.registry))}")
+        check_env_id(env_id)
         if eval_every < 1 or eval_episodes < 0:
             raise ValueError(f"need eval_every >= 1 and eval_episodes >= 0, got {eval_every}, {eval_episodes}")
         cls = Agent.registry[method]
@@ -174,12 +205,26 @@ def load_agent(path: str | Path):
     alone: its embedded base policy, networks and training state. `load_agent(ckpt).eval_policy()` is what
     `labkit eval` rolls out. (A checkpoint written before bases were embedded reads the base's file.)"""
     path = resolve_checkpoint(path)
-    ckpt = read_checkpoint(path)
-    if "rl_training_state" not in ckpt:
-        raise ValueError(f"{path} is not an RL run's checkpoint (labkit fit --config configs/rl/...)")
+    return agent_from_checkpoint(read_checkpoint(path), str(path))
+
+
+def agent_from_checkpoint(ckpt: dict, source: str = "the checkpoint"):
+    """`load_agent` on a checkpoint's contents (as `read_checkpoint` returns them). Its method must be a
+    registered one and its env id a registered labkit task; a checkpoint that lacks what the agent is
+    rebuilt from is a ValueError naming `source`."""
+    if not isinstance(ckpt, dict) or "rl_training_state" not in ckpt:
+        raise ValueError(f"{source} is not an RL run's checkpoint (labkit fit --config configs/rl/...)")
+    hp = ckpt.get("hyper_parameters")
+    if not isinstance(hp, dict) or not {"method", "env_id"} <= set(hp) or not isinstance(ckpt.get("state_dict"), dict):
+        raise ValueError(f"{source} is an incomplete RL checkpoint (its hyper_parameters need method and "
+                         "env_id, and it needs a state_dict)")
+    try:
+        check_env_id(hp["env_id"])
+    except ValueError as e:
+        raise ValueError(f"{source}: {e}") from None
     # Only RLModule's own arguments (LightningCLI also stores its `_instantiator`).
     names = inspect.signature(RLModule.__init__).parameters
-    hparams = {k: v for k, v in ckpt["hyper_parameters"].items() if k in names}
+    hparams = {k: v for k, v in hp.items() if k in names}
     if "base_policy" in ckpt:
         hparams["policy"] = ckpt["base_policy"]
     module = RLModule(**hparams)
@@ -189,6 +234,6 @@ def load_agent(path: str | Path):
 
 
 def is_rl_checkpoint(path: str | Path) -> bool:
-    """Whether a checkpoint was written by an RLModule (rather than by a policy)."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    return isinstance(ckpt, dict) and "rl_training_state" in ckpt
+    """Whether a checkpoint was written by an RLModule (rather than by a policy). A missing, truncated or
+    unsafe file is `read_checkpoint`'s named error (FileNotFoundError, ValueError)."""
+    return "rl_training_state" in read_checkpoint(path)
