@@ -414,3 +414,223 @@ def test_record_learned_policy_and_rolled_files(tmp_path, monkeypatch):
     assert ds.num_episodes == 3 and len(ds) == 15 and not ds.frames["action"].any()
     np.testing.assert_array_equal(ds.episodes["data/file_index"], [0, 1, 2])
     assert ds.frames["next.done"].reshape(3, 5)[:, -1].all() and ds.success_rate == 0.0
+
+
+# ---- hardening: metadata that leaves the root, non-finite data, malformed metadata ----------------
+class Whole:
+    """What an info.json edit returns to replace the whole document (other edits change it in place)."""
+
+    def __init__(self, value):
+        self.value = value
+
+
+def _edit_info(root, edit):
+    """Rewrite root's meta/info.json: edit(info) changes it in place, or returns Whole(new document)."""
+    path = root / "meta/info.json"
+    info = json.loads(path.read_text())
+    out = edit(info)
+    path.write_text(json.dumps(out.value if isinstance(out, Whole) else info))
+
+
+def _edit_column(path, name, edit):
+    """Rewrite one column of a Parquet file: edit(values as numpy) -> new values (same length)."""
+    from labkit.data import format as fmt
+
+    table = pq.read_table(path)
+    values = np.asarray(edit(fmt.from_arrow(table.column(name)).copy()))
+    column = fmt.to_arrow(values)
+    if values.ndim == 1:  # a scalar column keeps its Parquet type (float32 stays float32)
+        column = column.cast(table.schema.field(name).type)
+    pq.write_table(table.set_column(table.column_names.index(name), name, column), path)
+
+
+@pytest.fixture(scope="module")
+def pixel_root(tmp_path_factory):
+    """A one-episode dataset with a 16x16 camera stream (a consolidated MP4)."""
+    root = tmp_path_factory.mktemp("px") / "px"
+    with Recorder(root, fps=10) as rec:
+        for t in range(4):
+            rec.add_frame({"pixels": np.full((16, 16, 3), 40 * t, np.uint8), "state": np.full(2, t, np.float32)},
+                          [0.1 * t], done=t == 3)
+        rec.save_episode()
+    return root
+
+
+DATA_TEMPLATE = "data/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet"
+VIDEO_TEMPLATE = "videos/{video_key}/chunk-{chunk_index:03d}/file-{file_index:03d}.mp4"
+
+
+@pytest.mark.parametrize("kind", ["dotdot", "absolute"])
+def test_data_path_outside_root_is_refused(state_ds, tmp_path, kind):
+    root, _ = state_ds
+    ds_root = _copy(root, tmp_path / "ds")
+    _copy(root, tmp_path / "outside")  # a loadable data file outside the dataset
+    outside = tmp_path / "outside" / DATA_TEMPLATE if kind == "absolute" else "../outside/" + DATA_TEMPLATE
+    _edit_info(ds_root, lambda info: info.update(data_path=str(outside)))
+    with pytest.raises(DatasetError, match=r"info\.json: field 'data_path' .*(outside the dataset|absolute path)"):
+        load_dataset(ds_root)
+
+
+@pytest.mark.parametrize("kind", ["dotdot", "absolute", "video_key"])
+def test_video_path_outside_root_is_refused(pixel_root, tmp_path, kind):
+    ds_root = _copy(pixel_root, tmp_path / "ds")
+    load_dataset(ds_root)  # loads as recorded
+    _copy(pixel_root, tmp_path / "outside")  # a decodable MP4 outside the dataset
+    if kind == "video_key":  # the path's only moving part is the key: '../' hidden in a feature name
+        key = "observation.images.top"
+        evil = "../../outside/videos/observation.images.top/chunk-000/file-000.mp4"  # from <root>/videos/
+        _edit_info(ds_root, lambda info: info.update(video_path="videos/{video_key}"))
+        episodes_path = ds_root / "meta/episodes/chunk-000/file-000.parquet"
+        table = pq.read_table(episodes_path)
+        table = table.rename_columns([c.replace(key, evil) for c in table.column_names])
+        pq.write_table(table, episodes_path)
+        _edit_info(ds_root, lambda info: info["features"].update({evil: info["features"].pop(key)}))
+    else:
+        outside = tmp_path / "outside" / VIDEO_TEMPLATE if kind == "absolute" else "../outside/" + VIDEO_TEMPLATE
+        _edit_info(ds_root, lambda info: info.update(video_path=str(outside)))
+    with pytest.raises(DatasetError, match=r"info\.json: field 'video_path' .*(outside the dataset|absolute path)"):
+        load_dataset(ds_root)
+
+
+@pytest.mark.parametrize("column, bad, row", [("action", np.nan, 7), ("observation.state", np.inf, 12),
+                                              ("next.reward", -np.inf, 3), ("action", np.nan, 0)])
+def test_non_finite_data_is_refused(state_ds, tmp_path, column, bad, row):
+    root, _ = state_ds
+    ds_root = _copy(root, tmp_path / "ds")
+    data = ds_root / "data/chunk-000/file-000.parquet"
+
+    def poison(values):
+        values = values.astype(np.float32)
+        if values.ndim == 1:
+            values[row] = bad
+        else:
+            values[row, -1] = bad
+        return values
+
+    _edit_column(data, column, poison)
+    with pytest.raises(DatasetError, match=rf"data file .*file-000\.parquet: column '{column}' has a non-finite "
+                                           rf"value \({bad}\) at row {row} \(episode 0, frame {row}\)"):
+        load_dataset(ds_root)
+
+
+def test_non_finite_stats_are_refused(state_ds, tmp_path):
+    root, _ = state_ds
+    ds_root = _copy(root, tmp_path / "ds")
+    stats_path = ds_root / "meta/stats.json"
+    stats = json.loads(stats_path.read_text())
+    stats["action"]["std"][0] = float("nan")
+    stats_path.write_text(json.dumps(stats))
+    with pytest.raises(DatasetError, match=r"stats\.json: action\.std has a non-finite value"):
+        load_dataset(ds_root)
+
+
+def _pop(key):
+    return lambda info: info.pop(key) and None
+
+
+MALFORMED_INFO = {  # name -> (edit of info.json, what the message must say)
+    "no features": (_pop("features"), r"field 'features' is missing"),
+    "features a list": (lambda info: info.update(features=[1, 2]), r"field 'features' must be a non-empty JSON object"),
+    "info a list": (lambda info: Whole([info]), r"expected a JSON object at the top level, got a JSON array"),
+    "info a string": (lambda info: Whole("v3.0"), r"expected a JSON object .* got a JSON string"),
+    "feature not an object": (lambda info: info["features"].update(action="float32"),
+                              r"features\['action'\] must be a JSON object"),
+    "shape not a list": (lambda info: info["features"]["action"].update(shape=2),
+                         r"features\['action'\]\.shape must be a list"),
+    "negative shape": (lambda info: info["features"]["action"].update(shape=[-2]),
+                       r"features\['action'\]\.shape must be a list of .* positive integers"),
+    "huge shape": (lambda info: info["features"]["action"].update(shape=[10**6, 10**6]),
+                   r"features\['action'\]\.shape .* more than"),
+    "no index": (lambda info: info["features"].pop("index"), r"features has no 'index'"),
+    "data_path not a string": (lambda info: info.update(data_path=7), r"field 'data_path' must be a path template"),
+    "data_path unknown field": (lambda info: info.update(data_path="data/{chunk_index.__class__}.parquet"),
+                                r"field 'data_path' .* may only use"),
+    "data_path huge width": (lambda info: info.update(data_path="data/{chunk_index:0999999999d}.parquet"),
+                             r"field 'data_path' .* may only use"),
+}
+BAD_FPS = [0, -10, "fast", None, [10], True, float("nan"), float("inf")]
+
+
+@pytest.mark.parametrize("name", list(MALFORMED_INFO))
+def test_malformed_info_is_a_dataset_error(state_ds, tmp_path, name):
+    root, _ = state_ds
+    ds_root = _copy(root, tmp_path / "ds")
+    edit, message = MALFORMED_INFO[name]
+    _edit_info(ds_root, edit)
+    with pytest.raises(DatasetError, match=r"meta/info\.json: " + message):
+        load_dataset(ds_root)
+
+
+@pytest.mark.parametrize("fps", BAD_FPS + ["missing"], ids=repr)
+def test_bad_fps_is_refused(state_ds, tmp_path, fps):
+    root, _ = state_ds
+    ds_root = _copy(root, tmp_path / "ds")
+    _edit_info(ds_root, _pop("fps") if fps == "missing" else lambda info: info.update(fps=fps))
+    with pytest.raises(DatasetError, match=r"meta/info\.json: field 'fps' (must be a positive number|is missing)"):
+        load_dataset(ds_root)
+
+
+@pytest.mark.parametrize("size", [2, 3, 6])
+def test_wrong_declared_shape_names_file_and_feature(state_ds, tmp_path, size):
+    root, _ = state_ds
+    ds_root = _copy(root, tmp_path / "ds")
+    _edit_info(ds_root, lambda info: info["features"]["observation.state"].update(shape=[size]))
+    expected = [2, 3] if size == 6 else [size]  # 6 values per frame of observation.state fit [6], not [2, 3]
+    if size == 6:
+        _edit_info(ds_root, lambda info: info["features"]["observation.state"].update(shape=expected))
+        load_dataset(ds_root)  # the same number of values: a reshape, not an error
+        _edit_info(ds_root, lambda info: info["features"]["timestamp"].update(shape=[2]))
+        column, held = "timestamp", "one value per row"
+    else:
+        column, held = "observation.state", "6 values per row"
+    with pytest.raises(DatasetError, match=rf"data file .*file-000\.parquet: column '{column}' holds {held} but "
+                                           rf"info\.json declares features\['{column}'\]\.shape"):
+        load_dataset(ds_root)
+
+
+def test_video_shape_must_match_declared(pixel_root, tmp_path):
+    ds_root = _copy(pixel_root, tmp_path / "ds")
+    _edit_info(ds_root, lambda info: info["features"]["observation.images.top"].update(shape=[32, 16, 3]))
+    with pytest.raises(DatasetError, match=r"video file .*file-000\.mp4 has frames of shape \(16, 16, 3\) but "
+                                           r"info\.json declares features\['observation.images.top'\]\.shape"):
+        load_dataset(ds_root)
+
+
+@pytest.mark.parametrize("length", [2**40, 30_000_000, -5])
+def test_impossible_episode_length_fails_before_allocating(state_ds, tmp_path, length):
+    import tracemalloc
+
+    root, _ = state_ds
+    ds_root = _copy(root, tmp_path / "ds")
+
+    def stretch(values):
+        values[1] = length
+        return values
+
+    _edit_column(ds_root / "meta/episodes/chunk-000/file-000.parquet", "length", stretch)
+    tracemalloc.start()
+    try:
+        with pytest.raises(DatasetError, match=r"episodes table .*file-000\.parquet: column 'length' (.*does "
+                                               r"not add up to the \d+ frames|has a negative value)"):
+            load_dataset(ds_root)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 50e6, f"{peak / 1e6:.0f} MB allocated before the error"
+
+
+def test_missing_episodes_column_is_a_dataset_error(state_ds, tmp_path):
+    root, _ = state_ds
+    ds_root = _copy(root, tmp_path / "ds")
+    path = ds_root / "meta/episodes/chunk-000/file-000.parquet"
+    pq.write_table(pq.read_table(path).drop_columns(["length"]), path)
+    with pytest.raises(DatasetError, match=r"episodes table .*file-000\.parquet has no column 'length'"):
+        load_dataset(ds_root)
+
+
+def test_shipped_datasets_still_load():
+    roots = sorted(p for p in labkit.data.DATASETS.iterdir() if (p / "meta/info.json").is_file())
+    assert roots
+    for root in roots:
+        ds = load_dataset(root)
+        assert ds.num_episodes > 0 and ds.fps > 0, root

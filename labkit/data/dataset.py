@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 from typing import Any
 
@@ -204,24 +205,34 @@ def compute_stats(frames: dict[str, np.ndarray], features: dict[str, dict], imag
 # ---- loading --------------------------------------------------------------------------------------
 def load_dataset(root: str | Path, env_id: str | None = None) -> EpisodeDataset:
     """Load a LeRobotDataset v3 directory (recorded here or by LeRobot). With `env_id`, also check
-    that its features fit that env's spaces (`check_compatible`)."""
+    that its features fit that env's spaces (`check_compatible`).
+
+    Every fault of the files is a DatasetError naming the file and the field: metadata of the wrong type
+    or missing, paths that leave the dataset root, columns that do not have their declared shape, episode
+    lengths that do not add up to the frames stored (checked before anything that size is allocated), and
+    NaN or infinite values in numeric columns (which would make every training loss NaN)."""
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f"no dataset at {root}: the directory does not exist (record one with labkit.data.record)")
-    info = fmt.read_json(root / fmt.INFO_PATH)
+    info_path = root / fmt.INFO_PATH
+    info = fmt.read_json(info_path)
+    if not isinstance(info, dict):
+        raise DatasetError(f"{info_path}: expected a JSON object at the top level, got a JSON {fmt._json_type(info)}")
     version = str(info.get("codebase_version", "?"))
     if not version.startswith("v3"):
-        raise DatasetError(f"{root / fmt.INFO_PATH}: codebase_version {version} is not supported; labkit reads "
+        raise DatasetError(f"{info_path}: codebase_version {version} is not supported; labkit reads "
                            "LeRobotDataset v3 (convert older datasets with LeRobot's v2.1 -> v3.0 script)")
+    fmt.check_info(info, info_path)
     features: dict[str, dict] = info["features"]
-    episodes = _read_episodes(root)
-    lengths = episodes["length"].astype(np.int64)
     video_keys = [k for k, f in features.items() if f.get("dtype") == "video"]
+    episodes, episodes_where = _read_episodes(root, video_keys)
+    lengths = episodes["length"].astype(np.int64)
 
     # Frames: read each data file the episodes table points to; keep only committed episodes' rows.
     tables = []
+    template = info.get("data_path") or fmt.DATA_PATH
     for chunk, file in dict.fromkeys(zip(episodes["data/chunk_index"].tolist(), episodes["data/file_index"].tolist(), strict=True)):
-        path = root / info.get("data_path", fmt.DATA_PATH).format(chunk_index=chunk, file_index=file)
+        path = fmt.path_in_root(root, template.format(chunk_index=chunk, file_index=file), "data_path", info_path)
         tables.append((path, fmt.read_parquet(path, "data file")))
     frames: dict[str, np.ndarray] = {}
     columns = [k for k, f in features.items() if f.get("dtype") not in ("video", "image", "string")]
@@ -230,10 +241,16 @@ def load_dataset(root: str | Path, env_id: str | None = None) -> EpisodeDataset:
         for path, table in tables:
             if key not in table.column_names:
                 raise DatasetError(f"data file {path} has no column {key!r}, which meta/info.json lists as a feature")
-            parts.append(fmt.from_arrow(table.column(key), features[key]["shape"]))
+            parts.append(_read_column(path, table, key, features[key], info_path))
         frames[key] = np.concatenate(parts)
     order = np.argsort(frames["index"], kind="stable")
     keep = order[np.isin(frames["episode_index"][order], episodes["episode_index"])]
+    # The episode lengths must add up to the frames stored before anything is sized by them.
+    # (each length is bounded first, so the sum cannot overflow)
+    if len(lengths) and (lengths.min() < 0 or lengths.max() > len(keep) or int(lengths.sum()) != len(keep)):
+        raise DatasetError(f"{episodes_where}: column 'length' (episode lengths {_short_list(lengths)}) does not "
+                           f"add up to the {len(keep)} frames the data files hold for those episodes; the "
+                           "dataset is corrupt")
     frames = {k: v[keep] for k, v in frames.items()}
     expected = np.repeat(episodes["episode_index"], lengths)
     if len(expected) != len(frames["episode_index"]) or not np.array_equal(expected, frames["episode_index"]):
@@ -246,7 +263,7 @@ def load_dataset(root: str | Path, env_id: str | None = None) -> EpisodeDataset:
         frames[key] = _load_images(tables, key)[keep]
 
     stats_path = root / fmt.STATS_PATH
-    stats = fmt.read_json(stats_path) if stats_path.is_file() else compute_stats(frames, features)
+    stats = _check_stats(fmt.read_json(stats_path), stats_path) if fmt.is_file(stats_path) else compute_stats(frames, features)
     tasks = _read_tasks(root)
     to = np.cumsum(lengths)
     ds = EpisodeDataset(frames, to - lengths, to, info, stats, episodes, tasks, root)
@@ -263,14 +280,97 @@ def load_dataset(root: str | Path, env_id: str | None = None) -> EpisodeDataset:
     return ds
 
 
-def _read_episodes(root: Path) -> dict[str, np.ndarray]:
+def _short_list(values: np.ndarray, limit: int = 8) -> str:
+    items = values[:limit].tolist()
+    return str(items)[:-1] + (", ...]" if len(values) > limit else "]")
+
+
+def _read_column(path: Path, table: Any, key: str, spec: dict, info_path: Path) -> np.ndarray:
+    """One feature's column of a data file as [N, *shape], after checking that it holds the declared number
+    of values per row (before reshaping) and, for a numeric feature, only finite numbers."""
+    import pyarrow as pa
+
+    column = table.column(key).combine_chunks()
+    shape, size = list(spec["shape"]), math.prod(spec["shape"])
+    declared = f"{info_path.name} declares features[{key!r}].shape {shape} ({size} values per frame)"
+    if pa.types.is_fixed_size_list(column.type):
+        if column.type.list_size != size:
+            raise DatasetError(f"data file {path}: column {key!r} holds {column.type.list_size} values per row but {declared}")
+        if column.null_count:
+            raise DatasetError(f"data file {path}: column {key!r} has an empty (null) row")
+    elif pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
+        sizes = pa.compute.list_value_length(column).fill_null(-1).to_numpy(zero_copy_only=False)
+        bad = np.flatnonzero(sizes != size)
+        if len(bad):
+            row = int(bad[0])
+            held = "no (null)" if sizes[row] < 0 else int(sizes[row])
+            raise DatasetError(f"data file {path}: column {key!r} row {row} holds {held} values but {declared}")
+    elif size != 1:
+        raise DatasetError(f"data file {path}: column {key!r} holds one value per row but {declared}")
+    values = fmt.from_arrow(column, shape)
+    if spec["dtype"] in fmt.NUMERIC_DTYPES and values.dtype.kind not in "biuf":
+        raise DatasetError(f"data file {path}: column {key!r} holds {column.type} values, not the numbers "
+                           f"({spec['dtype']}) {info_path.name} declares (or it has empty cells)")
+    if values.dtype.kind == "f":
+        finite = np.isfinite(values)
+        if not finite.all():
+            row = int(np.argmax(~finite.reshape(len(values), -1).all(axis=1)))
+            where = ""
+            if "episode_index" in table.column_names and "frame_index" in table.column_names:
+                where = (f" (episode {table.column('episode_index')[row].as_py()}, "
+                         f"frame {table.column('frame_index')[row].as_py()})")
+            raise DatasetError(f"data file {path}: column {key!r} has a non-finite value "
+                               f"({values[row].ravel()[~finite[row].ravel()][0]}) at row {row}{where}; "
+                               "NaN or inf in the data would make every training loss NaN: fix or drop "
+                               "that episode and re-record")
+    return values
+
+
+def _check_stats(stats: Any, path: Path) -> dict[str, dict]:
+    """stats.json: an object of feature -> {min, max, mean, std, ...} whose numbers are all finite."""
+    if not isinstance(stats, dict) or not all(isinstance(v, dict) for v in stats.values()):
+        raise DatasetError(f"{path}: expected a JSON object of feature name -> {{min, max, mean, std, count}}")
+    for key, entry in stats.items():
+        for name in ("min", "max", "mean", "std"):
+            if name not in entry:
+                continue
+            try:
+                values = np.asarray(entry[name], dtype=np.float64)
+            except (TypeError, ValueError) as e:
+                raise DatasetError(f"{path}: {key}.{name} is not an array of numbers ({e})") from e
+            if not np.isfinite(values).all():
+                raise DatasetError(f"{path}: {key}.{name} has a non-finite value ({values[~np.isfinite(values)][0]}); "
+                                   "normalising with it would make every training loss NaN")
+    return stats
+
+
+def _read_episodes(root: Path, video_keys: list[str] = ()) -> tuple[dict[str, np.ndarray], str]:
+    """The episodes table (all its files, by episode_index) and a name for it in error messages."""
     import pyarrow as pa
 
     paths = sorted((root / "meta" / "episodes").glob("chunk-*/file-*.parquet"))
     if not paths:
         raise DatasetError(f"missing episodes table {root / fmt.EPISODES_PATH.format(chunk_index=0, file_index=0)}"
                            " (no episode was saved, or the dataset is not LeRobotDataset v3)")
-    table = pa.concat_tables([fmt.read_parquet(p, "episodes table") for p in paths], promote_options="permissive")
+    where = f"episodes table {paths[0]}" + (f" (+{len(paths) - 1} more files)" if len(paths) > 1 else "")
+    try:
+        table = pa.concat_tables([fmt.read_parquet(p, "episodes table") for p in paths], promote_options="permissive")
+    except pa.ArrowException as e:
+        raise DatasetError(f"{where}: its files do not share one schema ({e})") from e
+    required = {"episode_index": "i", "length": "i", "data/chunk_index": "i", "data/file_index": "i"}
+    for key in video_keys:
+        required.update({f"videos/{key}/chunk_index": "i", f"videos/{key}/file_index": "i",
+                         f"videos/{key}/from_timestamp": "f"})
+    for name, kind in required.items():
+        if name not in table.column_names:
+            raise DatasetError(f"{where} has no column {name!r}")
+        col = table.column(name)
+        ok = pa.types.is_integer(col.type) if kind == "i" else (pa.types.is_floating(col.type) or pa.types.is_integer(col.type))
+        if not ok or col.null_count:
+            raise DatasetError(f"{where}: column {name!r} must hold {'integers' if kind == 'i' else 'numbers'} "
+                               f"without gaps, got {col.type}{' with nulls' if col.null_count else ''}")
+        if kind == "i" and name != "episode_index" and len(col) and pa.compute.min(col).as_py() < 0:
+            raise DatasetError(f"{where}: column {name!r} has a negative value")
     table = table.sort_by("episode_index")
     out = {}
     for name in table.column_names:
@@ -284,7 +384,11 @@ def _read_episodes(root: Path) -> dict[str, np.ndarray]:
             out[name] = fmt.from_arrow(col)
     if "seed" in out and out["seed"].dtype == object:
         out["seed"] = np.array([-1 if s is None else s for s in out["seed"]], np.int64)
-    return out
+    for key in video_keys:
+        ts = out[f"videos/{key}/from_timestamp"].astype(np.float64)
+        if not (np.isfinite(ts) & (ts >= 0)).all():
+            raise DatasetError(f"{where}: column 'videos/{key}/from_timestamp' must hold finite times >= 0")
+    return out, where
 
 
 def _read_tasks(root: Path) -> list[str]:
@@ -320,13 +424,19 @@ def _load_video(root: Path, info: dict, key: str, episodes: dict[str, np.ndarray
     """Decode each video file once and cut every episode out of it by its from_timestamp."""
     fps = float(info["fps"])
     template = info.get("video_path") or fmt.VIDEO_PATH
+    info_path = root / fmt.INFO_PATH
+    shape = tuple(info["features"][key]["shape"])
     decoded: dict[Path, np.ndarray] = {}
     parts = []
     for e in range(len(lengths)):
         chunk, file = int(episodes[f"videos/{key}/chunk_index"][e]), int(episodes[f"videos/{key}/file_index"][e])
-        path = root / template.format(video_key=key, chunk_index=chunk, file_index=file)
+        path = fmt.path_in_root(root, template.format(video_key=key, chunk_index=chunk, file_index=file),
+                                "video_path", info_path)
         if path not in decoded:
             decoded[path] = fmt.read_video(path)
+            if decoded[path].shape[1:] != shape:
+                raise DatasetError(f"video file {path} has frames of shape {decoded[path].shape[1:]} but "
+                                   f"{info_path.name} declares features[{key!r}].shape {list(shape)}")
         start = int(round(float(episodes[f"videos/{key}/from_timestamp"][e]) * fps))
         clip = decoded[path][start:start + lengths[e]]
         if len(clip) != lengths[e]:

@@ -13,7 +13,11 @@ Everything that knows file names lives here, so the recorder and the loader agre
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
+import stat
+import string
 import subprocess
 from collections.abc import Iterable
 from pathlib import Path
@@ -61,6 +65,120 @@ def is_image(feature: dict[str, Any]) -> bool:
     return feature.get("dtype") in ("video", "image")
 
 
+# ---- validating meta/info.json: every field the loader uses, checked before anything is allocated ------
+# LeRobot's feature dtypes that hold numbers: their Parquet columns must be numeric (and, if float, finite).
+NUMERIC_DTYPES = frozenset({"bool", "float16", "float32", "float64", "int8", "int16", "int32", "int64",
+                            "uint8", "uint16", "uint32", "uint64"})
+MAX_FEATURE_NDIM = 8
+MAX_FEATURE_SIZE = 1 << 32  # values per frame: far above any real feature, far below an absurd declaration
+# The fields a path template may use, and the format specs allowed on them ("", "d", "03d", ...): no
+# attribute access, no conversions, no widths that would build a gigabyte-long file name.
+_TEMPLATE_FIELDS = {"data_path": ("chunk_index", "file_index"),
+                    "video_path": ("video_key", "chunk_index", "file_index")}
+_TEMPLATE_SPEC = re.compile(r"0?\d{0,2}d?")
+
+
+def check_info(info: Any, path: Path) -> dict[str, Any]:
+    """Raise DatasetError, naming `path` (meta/info.json) and the field, unless `info` has what the loader
+    uses: a JSON object; `fps` a positive finite number; `features` an object of {dtype: str, shape: [n, ...]}
+    (0 < n, at most MAX_FEATURE_NDIM dims and MAX_FEATURE_SIZE values) with integer `index` and
+    `episode_index`; `data_path` / `video_path` None or a template of their fields only; `labkit` None or
+    an object. Returns `info`."""
+    if not isinstance(info, dict):
+        raise DatasetError(f"{path}: expected a JSON object at the top level, got a JSON {_json_type(info)}")
+    if "fps" not in info:
+        raise DatasetError(f"{path}: field 'fps' is missing (the dataset's frames per second)")
+    fps = info["fps"]
+    if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not math.isfinite(fps) or fps <= 0:
+        raise DatasetError(f"{path}: field 'fps' must be a positive number of frames per second, got {fps!r}")
+    if "features" not in info:
+        raise DatasetError(f"{path}: field 'features' is missing (the schema of the dataset's columns)")
+    features = info["features"]
+    if not isinstance(features, dict) or not features:
+        raise DatasetError(f"{path}: field 'features' must be a non-empty JSON object of feature name -> "
+                           f"{{dtype, shape}}, got {_json_type(features)} {_short(features)}")
+    for key, spec in features.items():
+        where = f"{path}: features[{key!r}]"
+        if not isinstance(spec, dict):
+            raise DatasetError(f"{where} must be a JSON object with 'dtype' and 'shape', got {_json_type(spec)}")
+        if not isinstance(spec.get("dtype"), str):
+            raise DatasetError(f"{where}.dtype must be a string such as 'float32' or 'video', got "
+                               f"{_short(spec.get('dtype'))}")
+        shape = spec.get("shape")
+        if (not isinstance(shape, list) or len(shape) > MAX_FEATURE_NDIM
+                or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in shape)):
+            raise DatasetError(f"{where}.shape must be a list of at most {MAX_FEATURE_NDIM} positive integers, "
+                               f"got {_short(shape)}")
+        if math.prod(shape) > MAX_FEATURE_SIZE:
+            raise DatasetError(f"{where}.shape {_short(shape)} declares {math.prod(shape)} values per frame, "
+                               f"more than the {MAX_FEATURE_SIZE} any real feature has")
+        if is_image(spec) and len(shape) != 3:
+            raise DatasetError(f"{where}.shape must be [height, width, channels] for dtype {spec['dtype']!r}, got {shape}")
+    for key in ("index", "episode_index"):
+        if key not in features:
+            raise DatasetError(f"{path}: features has no {key!r}, which every LeRobotDataset v3 has")
+        if not str(features[key]["dtype"]).startswith(("int", "uint")) or math.prod(features[key]["shape"]) != 1:
+            raise DatasetError(f"{path}: features[{key!r}] must be an integer scalar (dtype int64, shape [1]), "
+                               f"got {features[key]['dtype']} {features[key]['shape']}")
+    for field in _TEMPLATE_FIELDS:
+        if info.get(field) is not None:
+            check_template(info[field], field, path)
+    extra = info.get("labkit")
+    if extra is not None and not (isinstance(extra, dict) and isinstance(extra.get("env_kwargs", {}), dict)
+                                  and isinstance(extra.get("env_id"), (str, type(None)))):
+        raise DatasetError(f"{path}: field 'labkit' must be an object {{env_id: str, env_kwargs: {{...}}}}, "
+                           f"got {_short(extra)}")
+    return info
+
+
+def check_template(template: Any, field: str, path: Path) -> str:
+    """A path template of meta/info.json (`data_path`, `video_path`): a relative path string whose
+    {fields} are only those LeRobot defines for it, with plain integer format specs."""
+    if not isinstance(template, str):
+        raise DatasetError(f"{path}: field {field!r} must be a path template string, got {_short(template)}")
+    try:
+        parts = list(string.Formatter().parse(template))
+    except ValueError as e:
+        raise DatasetError(f"{path}: field {field!r} = {template!r} is not a valid path template ({e})") from e
+    allowed = _TEMPLATE_FIELDS[field]
+    for _, name, spec, conversion in parts:
+        if name is None:
+            continue
+        spec_ok = not spec if name == "video_key" else _TEMPLATE_SPEC.fullmatch(spec or "")  # a str: no spec
+        if name not in allowed or conversion or not spec_ok:
+            raise DatasetError(f"{path}: field {field!r} = {template!r} may only use "
+                               f"{', '.join('{' + a + '}' for a in allowed)} (with a spec such as :03d)")
+    if os.path.isabs(template) or template.startswith(("/", "\\")) or re.match(r"[A-Za-z]:", template):
+        raise DatasetError(f"{path}: field {field!r} = {template!r} is an absolute path; paths in "
+                           "meta/info.json are relative to the dataset root")
+    return template
+
+
+def path_in_root(root: Path, relative: str, field: str, path: Path) -> Path:
+    """`relative` (a formatted path template) resolved against the dataset `root`, refusing one that leaves
+    it ('..', an absolute path). The check is lexical and the normalised path is the one opened, so
+    '../' can never climb out; symlinks inside the dataset are followed as usual (the Hugging Face hub
+    cache stores every dataset file as a symlink into its blob store)."""
+    base = os.path.abspath(root)
+    full = os.path.normpath(os.path.join(base, relative))
+    if full == base:
+        raise DatasetError(f"{path}: field {field!r} gives {relative!r}, the dataset root itself, not a file in it")
+    if os.path.isabs(relative) or os.path.commonpath([base, full]) != base:
+        raise DatasetError(f"{path}: field {field!r} gives {relative!r}, which points outside the dataset "
+                           f"root {root}; paths in meta/info.json must stay inside the dataset")
+    return Path(full)
+
+
+def _json_type(value: Any) -> str:
+    return {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number",
+            type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 # ---- atomic writes: a file is either the old version or the new one, never half written -------------
 def _replace(tmp: Path, path: Path) -> None:
     with open(tmp, "rb+") as f:
@@ -82,8 +200,19 @@ def write_parquet(path: Path, table: pa.Table) -> None:
     _replace(tmp, path)
 
 
+def is_file(path: Path) -> bool:
+    """Whether `path` is a file, raising DatasetError for a path that cannot even be looked up (a name
+    too long for the file system, a NUL byte: what a corrupt info.json template can produce)."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except (OSError, ValueError) as e:
+        raise DatasetError(f"cannot open {_short(str(path), 200)}: {e}") from e
+
+
 def read_json(path: Path) -> Any:
-    if not path.is_file():
+    if not is_file(path):
         raise DatasetError(f"missing file {path}: a LeRobotDataset v3 directory needs it")
     try:
         return json.loads(path.read_text())
@@ -93,7 +222,7 @@ def read_json(path: Path) -> Any:
 
 def read_parquet(path: Path, what: str = "file") -> pa.Table:
     """Read a Parquet file, turning a missing or unreadable one into a DatasetError that names it."""
-    if not path.is_file():
+    if not is_file(path):
         raise DatasetError(f"missing {what} {path}")
     try:
         return pq.read_table(path)
@@ -197,7 +326,7 @@ def read_video(path: Path) -> np.ndarray:
     """Decode a whole MP4 into uint8 [F, H, W, 3]."""
     import imageio_ffmpeg
 
-    if not path.is_file():
+    if not is_file(path):
         raise DatasetError(f"missing video file {path}")
     try:
         gen = imageio_ffmpeg.read_frames(str(path))
