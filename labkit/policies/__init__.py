@@ -43,6 +43,10 @@ def policy_from_checkpoint(ckpt: dict, source: str = "the checkpoint") -> Policy
     if name not in Policy.registry:
         raise ValueError(f"{source} is not a labkit policy checkpoint (policy_class={name!r}; "
                          f"known: {sorted(Policy.registry)})")
-    policy = Policy.registry[name](hp["config"], hp["shapes"], hp["stats"], hp.get("env"))
-    policy.load_state_dict(ckpt["state_dict"])
+    try:
+        policy = Policy.registry[name](hp["config"], hp["shapes"], hp["stats"], hp.get("env"))
+        policy.load_state_dict(ckpt["state_dict"])
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as e:
+        # A damaged checkpoint: missing or mistyped fields, weights that do not fit the architecture.
+        raise ValueError(f"{source}: cannot rebuild the {name} it names: {type(e).__name__}: {e}") from e
     return policy.eval()

@@ -79,6 +79,14 @@ class PolicyConfig:
             raise ValueError(f"need 1 <= n_action_steps <= horizon, got {self.n_action_steps}, {self.horizon}")
         if self.obs_horizon < 1:
             raise ValueError(f"obs_horizon must be >= 1, got {self.obs_horizon}")
+        if not self.obs_keys:
+            raise ValueError("obs_keys must name at least one observation (e.g. 'observation.state')")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a finite number > 0, got {self.lr}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"weight_decay must be a finite number >= 0, got {self.weight_decay}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
 
 
 class Policy(ChunkRuntime, L.LightningModule):

@@ -18,6 +18,11 @@ class BCConfig(PolicyConfig):
     hidden: int = 256
     layers: int = 3
 
+    def __post_init__(self):
+        super().__post_init__()
+        if self.hidden < 1 or self.layers < 1:
+            raise ValueError(f"hidden and layers must be >= 1, got {self.hidden}, {self.layers}")
+
 
 class BCPolicy(Policy):
     """An MLP from the observation history to a whole action chunk, trained with masked MSE."""

@@ -53,6 +53,12 @@ class GenerativeConfig(PolicyConfig):
             raise ValueError(f"backbone must be 'mlp' or 'unet', got {self.backbone!r}")
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.cond not in ("film", "concat"):
+            raise ValueError(f"cond must be 'film' or 'concat', got {self.cond!r}")
+        small = {k: getattr(self, k) for k in ("hidden", "layers", "kernel_size", "n_groups", "time_dim")
+                 if getattr(self, k) < 1}
+        if small or not self.down_dims or min(self.down_dims) < 1:
+            raise ValueError(f"network sizes must be >= 1, got {small or {'down_dims': self.down_dims}}")
         activation(self.activation)  # a ValueError naming the choices
 
 

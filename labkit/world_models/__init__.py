@@ -45,8 +45,12 @@ def load_world_model(path: str | Path, map_location: str | torch.device = "cpu")
     if name not in SavedWorldModel.registry:
         raise ValueError(f"{path} is not a labkit world-model checkpoint (class {name!r}; "
                          f"known: {sorted(SavedWorldModel.registry)})")
-    model = SavedWorldModel.registry[name](**ckpt["init_args"])
-    model.load_state_dict(ckpt["state_dict"])
+    try:
+        model = SavedWorldModel.registry[name](**ckpt["init_args"])
+        model.load_state_dict(ckpt["state_dict"])
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as e:
+        # A damaged checkpoint: missing or mistyped arguments, weights that do not fit the architecture.
+        raise ValueError(f"{path}: cannot rebuild the {name} it names: {type(e).__name__}: {e}") from e
     return model.eval()
 
 
