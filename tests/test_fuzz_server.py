@@ -11,10 +11,10 @@ import time
 
 import msgpack
 import numpy as np
+from test_policy_server import small_policy  # the server tests' tiny BC policy
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
-from labkit.policies.bc import BCPolicy
 from labkit.robot.server import PolicyClient, PolicyServer, encode_array
 
 T = 5.0
@@ -24,14 +24,6 @@ ODD_DTYPES = ["float64", "float16", "int8", "uint64", "bool", "object", "O", "V8
               "<f4", ">f4", "f4", "f4,f4", "(2,)f4", "datetime64", "", "float32" * 50, "\x00", "i4,"]
 ODD_SHAPES = [[], [2], [6, 2], [2, 6, 1], [-1, 6], [2**31, 6], [2**40], [2.0, 6], [True, 6], ["2", 6],
               [[2], 6], None, "2x6", {"a": 1}, [0, 6], [2, 0], [1] * 64]
-
-
-def small_policy():
-    z = lambda n, v: [v] * n  # noqa: E731
-    stats = {"observation.state": {"mean": z(6, 0.0), "std": z(6, 1.0), "min": z(6, -1.0), "max": z(6, 1.0)},
-             "action": {"min": z(2, -0.5), "max": z(2, 0.5), "mean": z(2, 0.0), "std": z(2, 1.0)}}
-    return BCPolicy({"obs_horizon": 2, "horizon": 8, "n_action_steps": 4, "hidden": 32, "layers": 2},
-                    {"observation.state": [6], "action": [2]}, stats)
 
 
 def rand_obj(rng, depth=0):
