@@ -102,11 +102,15 @@ def test_expert_for_unknown_env_is_a_clear_error():
 
 
 @pytest.mark.parametrize("name", ["detour", "pusht", "pusht_block_rel", "peg"])
-def test_env_replays_its_shipped_dataset_bit_for_bit(name):
+def test_env_replays_its_shipped_dataset(name):
     """Episode 0 of a shipped dataset, replayed open loop from its seed (the recorded actions, not
-    the expert), gives back every recorded observation, reward, end and success exactly. The datasets
-    were recorded by these envs, and the env steps were since made faster (benchmarks/README.md):
-    the fast paths must compute the same numbers, down to the last bit of each float32."""
+    the expert), gives back every recorded observation and reward to 1e-4, and every end and success
+    exactly. The datasets were recorded by these envs, and the env steps were since made faster
+    (benchmarks/README.md): the fast paths must compute the same numbers. Not to the last bit: NumPy
+    and MuJoCo pick SIMD kernels by CPU, so float32 trig differs in the last place between machines
+    (CI's CPU moved PushT's state by 3e-6 at frame 13). Measured here, actions jittered by 3e-7
+    relative over 8 episodes of each dataset move states by at most 1.2e-5 and flip no end or success,
+    so 1e-4 still catches any change to the physics or the observation."""
     env_id, kwargs, _, seed = labkit.data.SHIPPED[name]
     ep = labkit.data.load_dataset(labkit.data.DATASETS / name).episode(0)
     env = gym.make(env_id, **kwargs)
@@ -114,10 +118,11 @@ def test_env_replays_its_shipped_dataset_bit_for_bit(name):
     n = len(ep["action"])
     for t in range(n):
         for key in ("state", "proprio"):
-            np.testing.assert_array_equal(obs[key], ep[f"observation.{key}"][t], err_msg=f"{key}, frame {t}")
+            np.testing.assert_allclose(obs[key], ep[f"observation.{key}"][t], rtol=0, atol=1e-4,
+                                       err_msg=f"{key}, frame {t}")
             assert obs[key].dtype == np.float32
         obs, reward, term, trunc, info = env.step(ep["action"][t])
-        assert np.float32(reward) == ep["next.reward"][t], f"reward at frame {t}"
+        assert abs(np.float32(reward) - ep["next.reward"][t]) <= 1e-4, f"reward at frame {t}"
         assert (term or trunc) == ep["next.done"][t], f"end at frame {t}"
         assert info["is_success"] == ep["next.success"][t], f"success at frame {t}"
     assert term or trunc, "the recorded episode ended here"
