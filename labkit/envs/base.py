@@ -9,7 +9,6 @@ for domain randomisation (friction, mass, damping, observation noise) and headle
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +16,10 @@ import gymnasium as gym
 import mujoco
 import numpy as np
 from gymnasium import spaces
+
+# re-exported: tasks import the checks from here
+from labkit.envs.checks import check_bool, check_choice, check_int, check_number, check_scale  # noqa: F401
+from labkit.envs.look import Look
 
 Scale = float | tuple[float, float]
 
@@ -26,63 +29,6 @@ Scale = float | tuple[float, float]
 PHYSICS_RANGE = (0.05, 20.0)
 OBS_NOISE_RANGE = (0.0, 1.0)
 MIN_IMAGE_SIZE = 16
-
-
-# ---- option validation: every check names the option, the value and what is allowed ------------------
-def _is_bool(value) -> bool:
-    return isinstance(value, bool | np.bool_)
-
-
-def _finite_in(value, lo: float, hi: float) -> bool:
-    if isinstance(value, numbers.Integral):  # exact, and no OverflowError for huge ints
-        return lo <= value <= hi
-    v = float(value)
-    return math.isfinite(v) and lo <= v <= hi
-
-
-def check_number(name: str, value, lo: float, hi: float) -> None:
-    """`value` a real number (not a bool) with lo <= value <= hi; TypeError / ValueError naming `name`."""
-    if _is_bool(value) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a number in [{lo}, {hi}], got {value!r} ({type(value).__name__})")
-    if not _finite_in(value, lo, hi):
-        raise ValueError(f"{name} must be a finite number in [{lo}, {hi}], got {value!r}")
-
-
-def check_int(name: str, value, lo: int, hi: int) -> None:
-    """`value` an int (not a bool) with lo <= value <= hi."""
-    if _is_bool(value) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be an int in [{lo}, {hi}], got {value!r} ({type(value).__name__})")
-    if not isinstance(value, numbers.Integral) or not lo <= value <= hi:  # 1.5, nan: a wrong value
-        raise ValueError(f"{name} must be an int in [{lo}, {hi}], got {value!r}")
-
-
-def check_scale(name: str, value, lo: float, hi: float, *, integer: bool = False) -> None:
-    """A number, or a (low, high) range (tuple or list) with lo <= low <= high <= hi."""
-    kind = "an int" if integer else "a number"
-    allowed = f"{kind} in [{lo}, {hi}] or a (low, high) range with {lo} <= low <= high <= {hi}"
-    vals = tuple(value) if isinstance(value, tuple | list) else (value,)
-    if len(vals) not in (1, 2) or (len(vals) == 1 and isinstance(value, tuple | list)):
-        raise ValueError(f"{name} must be {allowed}, got {value!r}")
-    for v in vals:
-        if _is_bool(v) or not isinstance(v, numbers.Real):
-            raise TypeError(f"{name} must be {allowed}, got {value!r} ({type(v).__name__} inside)")
-    if integer and not all(isinstance(v, numbers.Integral) for v in vals):  # 1.5, nan: a wrong value
-        raise ValueError(f"{name} must be {allowed}, got {value!r}")
-    if not all(_finite_in(v, lo, hi) for v in vals) or vals[0] > vals[-1]:
-        raise ValueError(f"{name} must be {allowed}, got {value!r}")
-
-
-def check_choice(name: str, value, choices: tuple) -> None:
-    """`value` one of `choices` (compared by type first, so arrays or lists are refused cleanly)."""
-    ok = any(value is c if c is None or isinstance(c, bool) else (type(value) is str and value == c)
-             for c in choices)
-    if not ok:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
-
-
-def check_bool(name: str, value) -> None:
-    if not _is_bool(value):
-        raise TypeError(f"{name} must be a bool (True or False), got {value!r} ({type(value).__name__})")
 
 
 @dataclass
@@ -130,6 +76,7 @@ class MujocoTask(gym.Env):
         damping: Scale = 1.0,
         obs_noise: float = 0.0,
         terminate_on_success: bool = True,
+        look: dict | None = None,
     ):
         if type(obs_mode) is not str or obs_mode not in ("state", "pixels"):
             raise ValueError(f"obs_mode must be 'state' or 'pixels', got {obs_mode!r}")
@@ -148,6 +95,14 @@ class MujocoTask(gym.Env):
         # trained on a learned reward cannot read the true success from early termination.
         self.terminate_on_success = bool(terminate_on_success)
         self.physics = Physics(friction, mass, damping, float(obs_noise))
+        if look is not None and not isinstance(look, dict):
+            raise TypeError(f"look must be a dict of Look options (labkit.envs.look), got {look!r}")
+        try:
+            self.look = Look(**(look or {}))
+        except TypeError as e:  # an unknown option: name the ones there are
+            raise ValueError(f"look: {e}; the options are lighting, tint, color_jitter, camera_shift, "
+                             "camera_tilt, image_noise") from None
+        self._look_rng = np.random.default_rng(0)
 
         self.model = mujoco.MjModel.from_xml_string(self.xml)
         self.data = mujoco.MjData(self.model)
@@ -160,6 +115,7 @@ class MujocoTask(gym.Env):
             "inertia": self.model.body_inertia.copy(),
             "damping": self.model.dof_damping.copy(),
         }
+        self._nominal_look = self.look.remember(self.model)
         self._renderers: dict[int, mujoco.Renderer] = {}
 
         obs_spaces = {
@@ -220,6 +176,10 @@ class MujocoTask(gym.Env):
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)
+        if seed is not None:  # the look has its own stream: a shifted look runs the very same episode
+            self._look_rng = np.random.default_rng([int(seed), 7])
+        if not self.look.nominal:
+            self.look.apply(self.model, self._nominal_look, self._look_rng)
         self._randomise_physics()
         mujoco.mj_resetData(self.model, self.data)
         self._reset_task(self.np_random, options)
@@ -279,7 +239,7 @@ class MujocoTask(gym.Env):
                 ) from e
         r = self._renderers[size]
         r.update_scene(self.data, camera=self.camera)
-        return r.render().copy()
+        return self.look.noisy(r.render().copy(), self._look_rng)
 
     def _randomise_physics(self) -> None:
         rng, nom, m = self.np_random, self._nominal, self.model

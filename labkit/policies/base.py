@@ -23,6 +23,8 @@ from labkit.data import Normalizer
 from labkit.data.keys import env_key, is_image_feature
 from labkit.policies.runtime import ChunkRuntime
 from labkit.training import check_finite_loss, log_loss
+from labkit.vision import ENCODERS
+from labkit.vision.encoders import pretrained_meta
 
 # Env options that change what the state and the action mean, with their defaults: a policy is rolled
 # out with the values it was trained with. (Physics options such as friction stay the caller's choice;
@@ -72,9 +74,22 @@ class PolicyConfig:
     lr: float = 1e-3
     weight_decay: float = 1e-6
     warmup_steps: int = 100
+    # How cameras are read (labkit.vision): "conv" (average-pooled conv net), "keypoints" (conv +
+    # spatial softmax, trained end to end) or "pretrained" (the shipped frozen encoder of the task
+    # `pretrained` names, e.g. "arm": features computed once per frame, so training runs at state speed).
+    image_encoder: str = "conv"
+    image_dim: int = 64  # features per camera (conv) or 2 x keypoints (keypoints)
+    pretrained: str | None = None
+    pretrained_meta: dict | None = None  # filled from the shipped encoders: checkpoints rebuild without them
 
     def __post_init__(self):
         self.obs_keys = tuple(self.obs_keys)
+        if self.image_encoder not in ENCODERS:
+            raise ValueError(f"image_encoder must be one of {ENCODERS}, got {self.image_encoder!r}")
+        if self.image_encoder == "pretrained" and not self.pretrained:
+            raise ValueError("image_encoder='pretrained' needs pretrained=<task> (e.g. 'arm' or 'pusht')")
+        if self.image_dim < 2:
+            raise ValueError(f"image_dim must be >= 2, got {self.image_dim}")
         if not 1 <= self.n_action_steps <= self.horizon:
             raise ValueError(f"need 1 <= n_action_steps <= horizon, got {self.n_action_steps}, {self.horizon}")
         if self.obs_horizon < 1:
@@ -112,6 +127,8 @@ class Policy(ChunkRuntime, L.LightningModule):
                 raise ValueError(f"unknown {self.config_class.__name__} fields: {sorted(unknown)}")
             config = self.config_class(**config)
         self.config = config
+        if config.image_encoder == "pretrained" and not config.pretrained_meta:
+            config.pretrained_meta = pretrained_meta(config.pretrained, [k for k in config.obs_keys if is_image_feature(k)])
         missing = [k for k in (*config.obs_keys, "action") if k not in shapes]
         if missing:
             raise ValueError(f"shapes lack {missing}; the dataset has {sorted(shapes)}")

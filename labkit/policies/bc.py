@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from labkit.nn import ObsEncoder, mlp
+from labkit.nn import mlp
 from labkit.policies.base import Policy, PolicyConfig
+from labkit.vision import ObsEncoder
 
 
 @dataclass
@@ -32,7 +33,8 @@ class BCPolicy(Policy):
     def __init__(self, config, shapes, stats, env=None):
         super().__init__(config, shapes, stats, env)
         c = self.config
-        self.encoder = ObsEncoder({k: self.shapes[k] for k in c.obs_keys}, c.obs_horizon)
+        self.encoder = ObsEncoder({k: self.shapes[k] for k in c.obs_keys}, c.obs_horizon, c.image_dim,
+                             c.image_encoder, c.pretrained, c.pretrained_meta)
         self.head = mlp(self.encoder.out_dim, c.horizon * self.action_dim, c.hidden, c.layers)
 
     def predict_normalized(self, obs):

@@ -18,8 +18,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from labkit.nn import EMA, ObsEncoder, activation, make_denoiser
+from labkit.nn import EMA, activation, make_denoiser
 from labkit.policies.base import Policy, PolicyConfig
+from labkit.vision import ObsEncoder
 
 
 @dataclass
@@ -96,7 +97,8 @@ class GenerativePolicy(Policy):
     def __init__(self, config, shapes, stats, env=None):
         super().__init__(config, shapes, stats, env)
         c = self.config
-        encoder = ObsEncoder({k: self.shapes[k] for k in c.obs_keys}, c.obs_horizon)
+        encoder = ObsEncoder({k: self.shapes[k] for k in c.obs_keys}, c.obs_horizon, c.image_dim,
+                             c.image_encoder, c.pretrained, c.pretrained_meta)
         denoiser = make_denoiser(c.backbone, c.horizon, self.action_dim, encoder.out_dim, c)
         self.model = nn.ModuleDict({"encoder": encoder, "denoiser": denoiser})
         self.ema = EMA(self.model, c.ema_power, c.ema_max_decay) if c.ema else None

@@ -8,7 +8,10 @@ from typing import TYPE_CHECKING
 import lightning as L
 import torch
 
+from labkit.data.keys import is_image_feature
 from labkit.training import RandomBatches, train_module
+from labkit.vision import ObsEncoder
+from labkit.vision.frames import FrameTable
 
 if TYPE_CHECKING:
     from labkit.policies.base import Policy
@@ -16,15 +19,28 @@ if TYPE_CHECKING:
 
 def window_tensors(policy: Policy, dataset) -> dict:
     """The dataset's training samples for `policy`: {"obs": {key: [N, To, ...]}, "action", "action_is_pad",
-    "episode" (the episode each window comes from)}."""
+    "episode" (the episode each window comes from)}. Cameras stay one copy of their frames (a
+    `FrameTable`, gathered per batch); with a frozen image encoder, one copy of their features."""
     c = policy.config
-    w = dataset.windows(obs_horizon=c.obs_horizon, horizon=c.horizon, keys=c.obs_keys)
-    obs = w["obs"] if "obs" in w else {k: w[k] for k in c.obs_keys}
+    missing = [k for k in c.obs_keys if k not in dataset.frames]
+    if missing:
+        raise ValueError(f"the dataset has no {missing}; it has {sorted(dataset.frames)}")
+    obs_idx, act_idx, is_pad = dataset.window_indices(c.obs_horizon, c.horizon)
+    encoder = next((m for m in policy.modules() if isinstance(m, ObsEncoder)), None)
+    obs = {}
+    for k in c.obs_keys:
+        frames = torch.as_tensor(dataset.frames[k])
+        if not is_image_feature(k):
+            obs[k] = frames[torch.as_tensor(obs_idx)]
+        elif encoder is not None and encoder.frozen(k):
+            obs[k] = FrameTable(encoder.encoder(k).precompute(frames), obs_idx, variants=True)
+        else:
+            obs[k] = FrameTable(frames, obs_idx)
     return {
-        "obs": {k: torch.as_tensor(obs[k]) for k in c.obs_keys},
-        "action": torch.as_tensor(w["action"]).float(),
-        "action_is_pad": torch.as_tensor(w["action_is_pad"]).bool(),
-        "episode": torch.as_tensor(dataset.frames["episode_index"][w["index"]]).long(),
+        "obs": obs,
+        "action": torch.as_tensor(dataset.frames["action"][act_idx]).float(),
+        "action_is_pad": torch.as_tensor(is_pad).bool(),
+        "episode": torch.as_tensor(dataset.frames["episode_index"]).long(),
     }
 
 

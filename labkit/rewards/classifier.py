@@ -23,8 +23,9 @@ import torch
 import torch.nn.functional as F
 
 from labkit.data import Normalizer
-from labkit.nn import ConvEncoder, mlp
+from labkit.nn import mlp
 from labkit.training import RandomBatches, log_loss, train_module
+from labkit.vision import ConvEncoder
 
 STATE = "observation.state"
 
