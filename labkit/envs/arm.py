@@ -20,7 +20,11 @@ Observation `state` (26-D; the last five are differences an MLP would otherwise 
     18    cube yaw, wrapped to [-pi/4, pi/4) (the cube is square)    19-20  target zone centre x, y
     21-23 cube centre minus grasp point                     24-25 zone centre minus cube centre (x, y)
 `proprio` (12-D): joint positions and velocities. With `obs_mode="pixels"`, `pixels` is the
-overhead camera and `wrist` the gripper camera (both uint8 HxWx3).
+overhead camera and `wrist` the gripper camera (both uint8 HxWx3), and `joints` (6-D float32) the
+joint positions alone (5 angles in radians, gripper opening in metres: `proprio[:6]`). `joints` plus
+the two cameras is exactly what the real arm observes (`labkit.robot.SO101Arm.observe()`): a policy
+that reads only them runs on both. `state` holds the cube's and the zone's poses, which no real
+sensor gives, so a `state` policy stays in simulation.
 
 Success: the cube rests on the table with its centre inside the 6 cm target square, and no finger
 pad touches it (released). Dense reward: -(grasp point to cube) - 2 (cube to zone centre).
@@ -239,8 +243,12 @@ class ArmPickCubeEnv(MujocoTask):
         self.cube_size, self.zone = CUBE, np.zeros(2)
         self._queue: deque = deque([np.zeros(6)], maxlen=1)
         if self.obs_mode == "pixels":  # the wrist camera rides along as its own image key
+            # `joints`: what the real arm's encoders give (no velocities: the real backend reads positions
+            # only). Unbounded like `proprio`, since obs_noise may push a reading past a joint limit.
+            # Only in pixel mode: state-mode observations (and the shipped state datasets) stay as they were.
             self.observation_space = spaces.Dict({
                 **self.observation_space.spaces,
+                "joints": spaces.Box(-np.inf, np.inf, (6,), np.float32),
                 "wrist": spaces.Box(0, 255, (self.image_size, self.image_size, 3), np.uint8)})
 
     def _action_space(self) -> spaces.Box:
@@ -310,6 +318,7 @@ class ArmPickCubeEnv(MujocoTask):
     def _obs(self):
         obs = super()._obs()
         if self.obs_mode == "pixels":
+            obs["joints"] = obs["proprio"][:6].copy()  # the same (noisy) reading as proprio, positions only
             self.camera = "wrist"  # the base renders `self.camera`; borrow it for the second view
             try:
                 obs["wrist"] = self._render(self.image_size)

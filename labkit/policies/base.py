@@ -27,16 +27,17 @@ from labkit.vision import ENCODERS
 from labkit.vision.encoders import pretrained_meta
 
 # Env options that change what the state and the action mean, with their defaults: a policy is rolled
-# out with the values it was trained with. (Physics options such as friction stay the caller's choice;
-# obs_mode only adds observations, and a pixel policy already fails clearly without pixels.)
+# out with the values it was trained with. (Physics options such as friction stay the caller's choice.)
 INTERFACE_KWARGS = {"frame": "world", "actions": "absolute"}
+# ... and, for a policy that reads cameras, what they show: pixels at the size it was trained on.
+CAMERA_KWARGS = {"obs_mode": "state", "image_size": 96}
 
 
 def env_interface(env: dict | None) -> dict:
     """{"env_id": ..., "env_kwargs": {...}} with only the interface options kept ({} when unknown)."""
     if not env:
         return {}
-    kwargs = {k: v for k, v in (env.get("env_kwargs") or {}).items() if k in INTERFACE_KWARGS}
+    kwargs = {k: v for k, v in (env.get("env_kwargs") or {}).items() if k in INTERFACE_KWARGS or k in CAMERA_KWARGS}
     return {"env_id": env.get("env_id"), "env_kwargs": kwargs}
 
 
@@ -53,7 +54,9 @@ def rollout_kwargs(policy, env_id: str, env_kwargs: dict) -> dict:
     if trained_in.get("env_id") != env_id:
         return dict(env_kwargs)
     out = dict(env_kwargs)
-    for key, default in INTERFACE_KWARGS.items():
+    config = getattr(getattr(policy, "base_policy", policy), "config", None)
+    sees = config is not None and any(is_image_feature(k) for k in config.obs_keys)
+    for key, default in {**INTERFACE_KWARGS, **(CAMERA_KWARGS if sees else {})}.items():
         trained = trained_in["env_kwargs"].get(key, default)
         if out.get(key, trained) != trained:
             raise ValueError(f"this policy was trained on {env_id} with {key}={trained!r}; "
@@ -244,8 +247,19 @@ class Policy(ChunkRuntime, L.LightningModule):
             if name not in obs:
                 raise KeyError(f"policy needs observation {name!r} (dataset feature {key!r}); got {sorted(obs)}."
                                " For pixels, make the env with obs_mode='pixels'.")
-            x = torch.as_tensor(np.asarray(obs[name]), device=self.device)
-            expected = self.shapes[key]
+            arr, expected = np.asarray(obs[name]), self.shapes[key]
+            if is_image_feature(key) and (arr.dtype != np.uint8 or arr.ndim not in (3, 4)
+                                          or list(arr.shape[-3:]) != expected):
+                # A camera frame of another size, layout or type would be read as garbage (or crash deep in a
+                # conv): name it here, before any motion. Never resized or padded: the fix is the camera's.
+                chw = arr.ndim >= 3 and arr.shape[-3] == 3 and list(arr.shape[-2:]) == expected[:2]
+                fix = ("transpose it to HxWx3" if chw else "convert it to uint8 0-255" if arr.dtype.kind == "f" else
+                       "crop/resize the camera to that size explicitly (labkit.robot.opencv_camera(size=...))"
+                       if list(arr.shape[-3:]) != expected else "give uint8 0-255 frames")
+                raise ValueError(f"camera {name!r} (dataset feature {key!r}) gave a {'x'.join(map(str, arr.shape))} "
+                                 f"{arr.dtype} image{' (channels first)' if chw else ''}; the policy was trained on "
+                                 f"{'x'.join(map(str, expected))} uint8 frames (HxWx3 RGB, or a batch of them): {fix}")
+            x = torch.as_tensor(arr, device=self.device)
             is_single = list(x.shape) == expected
             if not is_single and list(x.shape[1:]) != expected:
                 raise ValueError(f"observation {name!r} has shape {tuple(x.shape)}; expected {tuple(expected)}"

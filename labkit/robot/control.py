@@ -13,6 +13,8 @@ one action through the always-on `SafetyLayer`. A chunk policy is asked for its 
 - "none": switch to the newest chunk at once (the baseline that shows the jumps).
 
 Times come from an injectable clock (`FakeClock` in tests), and jitter is measured on every tick.
+Before its first command the loop checks that the robot observes what the policy reads
+(`check_policy_matches_robot`): a wrong camera or a simulator-only `state` is a named error, not motion.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import numpy as np
 from labkit.data.keys import env_key, is_image_feature
 from labkit.policies.runtime import ObsHistory
 from labkit.robot.base import RealClock
+from labkit.robot.check import check_policy_matches_robot, policy_inputs
 from labkit.robot.safety import SafetyConfig, SafetyLayer
 
 BLEND_MODES = ("ensemble", "rtc", "none")
@@ -187,13 +190,16 @@ class ControlLoop:
     exactly d steps after the request, which makes runs reproducible. `threaded=False` computes the
     chunk at request time in the loop's thread (for fake-clock tests), still delivered d steps later.
     `on_step(step, obs, sent_action)` is called after every command (recording).
+    `check`: before the first command of the first run, read one observation and raise a ValueError if
+    it does not match what the policy reads (`check_policy_matches_robot`; skipped for a plain callable
+    or a source that does not say what it reads).
     """
 
     def __init__(self, robot: Any, policy: Any, *, fps: float | None = None, clock: Any = None,
                  mode: str = "rtc", execute_steps: int | None = None, blend_steps: int = 4,
                  ensemble_coeff: float = 0.01, inference_delay: int | None = None, threaded: bool = True,
                  safety: SafetyConfig | None = None, on_step: Callable | None = None, stop_on_done: bool = True,
-                 result_timeout: float = 10.0):
+                 result_timeout: float = 10.0, check: bool = True):
         self.clock = clock or (robot.clock if isinstance(robot, SafetyLayer) else RealClock())
         if isinstance(robot, SafetyLayer):
             self.robot = robot
@@ -222,6 +228,7 @@ class ControlLoop:
         self.result_timeout = float(result_timeout)
         self.stats: LoopStats | None = None
         self._stop_requested = False
+        self._check = check and self.source is not None and policy_inputs(self.source) is not None
 
     def stop(self) -> None:
         """Ask a running loop (e.g. in a teleop thread) to end after its current step."""
@@ -231,6 +238,9 @@ class ControlLoop:
         """Run `steps` control steps (fewer on e-stop or when the robot reports `done`); returns timing."""
         dt = 1.0 / self.fps
         robot, clock = self.robot, self.clock
+        if self._check:  # outside the try below: a mismatch sends nothing, not even a hold
+            check_policy_matches_robot(self.source, robot)
+            self._check = False
         if reset and self.source is not None and hasattr(self.source, "reset"):
             self.source.reset()
         self.blender.chunks = []

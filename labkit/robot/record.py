@@ -18,7 +18,7 @@ from labkit.data import Recorder, load_dataset
 from labkit.robot.control import ControlLoop
 from labkit.robot.safety import SafetyConfig, SafetyLayer
 
-OBS_KEYS = ("state", "proprio", "pixels", "wrist")
+OBS_KEYS = ("state", "proprio", "joints", "pixels", "wrist")
 
 
 def _reset(policy: Any, seed: int) -> None:

@@ -94,12 +94,12 @@ class SimRobot:
         return self.observe()
 
     def observe(self) -> dict[str, np.ndarray]:
-        """The observation `obs_latency_steps` old, with sensor noise on `state` and `proprio`."""
+        """The observation `obs_latency_steps` old, with sensor noise on `state`, `proprio` and `joints`."""
         if not self.connected:
             raise NotConnectedError(f"{self.spec.name}: call connect() first")
         obs = {k: np.array(v, copy=True) for k, v in self._obs[0].items()}
         if self.sensor_noise > 0:
-            for key in ("state", "proprio"):
+            for key in ("state", "proprio", "joints"):
                 if key in obs:
                     obs[key] = (obs[key] + self._rng.normal(0, self.sensor_noise, obs[key].shape)).astype(obs[key].dtype)
         return obs

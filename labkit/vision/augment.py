@@ -45,11 +45,12 @@ def color_jitter(x: torch.Tensor, brightness: float = 0.2, contrast: float = 0.2
     return x.clamp(0.0, 1.0)
 
 
-def augment(x: torch.Tensor, shift: bool = True, color: bool = False) -> torch.Tensor:
+def augment(x: torch.Tensor, shift: bool = True, color: bool = False, shift_fn=None) -> torch.Tensor:
     """The training augmentation of labkit's encoders: random shift (pad = 1/16 of the side, 4 px at
-    64 px, as DrQ's 4 px at 84), then colour jitter when `color`."""
+    64 px, as DrQ's 4 px at 84), then colour jitter when `color`. `shift_fn(x, pad)` replaces
+    `random_shift` (lesson 11 trains with the student's)."""
     if shift:
-        x = random_shift(x, max(1, x.shape[-1] // 16))
+        x = (shift_fn or random_shift)(x, max(1, x.shape[-1] // 16))
     if color:
         x = color_jitter(x)
     return x

@@ -29,23 +29,31 @@ WEIGHTS = Path(__file__).parent / "weights"  # the shipped pretrained encoders, 
 ENCODERS = ("conv", "keypoints", "pretrained")
 
 
-class SpatialSoftmax(nn.Module):
-    """Feature maps [N, K, H, W] -> keypoints [N, 2K]: for each map, a softmax over its H*W positions
-    (sharpened by a learnt temperature) and the expected x and y under it, in [-1, 1]. Where a map
-    fires is kept; what fires is left to the channel. Differentiable, and sub-pixel."""
+def spatial_softmax(maps: torch.Tensor, temperature: torch.Tensor | float = 1.0) -> torch.Tensor:
+    """Feature maps [N, K, H, W] -> keypoints [N, 2K] ordered (x_1, y_1, x_2, y_2, ...): for each map, a
+    softmax over its H*W positions (logits divided by `temperature`) and the expected x (column) and y
+    (row) under it, on a grid from -1 to 1. Where a map fires is kept; what fires is left to the
+    channel. Differentiable, and sub-pixel."""
+    n, k, h, w = maps.shape
+    attention = F.softmax(maps.reshape(n, k, h * w) / temperature, dim=-1)
+    ys, xs = torch.meshgrid(torch.linspace(-1, 1, h, device=maps.device),
+                            torch.linspace(-1, 1, w, device=maps.device), indexing="ij")
+    x = attention @ xs.reshape(-1, 1)  # [N, K, 1]: the expected column
+    y = attention @ ys.reshape(-1, 1)
+    return torch.cat([x, y], dim=-1).reshape(n, 2 * k)
 
-    def __init__(self, temperature: float = 1.0):
+
+class SpatialSoftmax(nn.Module):
+    """`spatial_softmax` with a learnt temperature. `fn` replaces the function (lesson 11 trains with
+    the student's)."""
+
+    def __init__(self, temperature: float = 1.0, fn=None):
         super().__init__()
         self.log_temperature = nn.Parameter(torch.tensor(float(temperature)).log())
+        self.fn = fn or spatial_softmax
 
     def forward(self, maps: torch.Tensor) -> torch.Tensor:
-        n, k, h, w = maps.shape
-        attention = F.softmax(maps.reshape(n, k, h * w) / self.log_temperature.exp(), dim=-1)
-        ys, xs = torch.meshgrid(torch.linspace(-1, 1, h, device=maps.device),
-                                torch.linspace(-1, 1, w, device=maps.device), indexing="ij")
-        x = attention @ xs.reshape(-1, 1)  # [N, K, 1]: the expected column
-        y = attention @ ys.reshape(-1, 1)
-        return torch.cat([x, y], dim=-1).reshape(n, 2 * k)
+        return self.fn(maps, self.log_temperature.exp())
 
 
 def conv_trunk(channels: int = 16) -> nn.Sequential:
@@ -68,6 +76,7 @@ class ImageEncoder(nn.Module):
     def __init__(self, augment: bool = True, color: bool = False):
         super().__init__()
         self.augment, self.color = augment, color
+        self.shift_fn = None  # None: labkit.vision.random_shift (lesson 11 sets the student's)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -78,7 +87,7 @@ class ImageEncoder(nn.Module):
             raise ValueError(f"this encoder reads {self.image_size}x{self.image_size} images, got "
                              f"{x.shape[-2]}x{x.shape[-1]}: render or record at that size")
         if self.training and (self.augment or self.color):
-            x = augment(x, shift=self.augment, color=self.color)
+            x = augment(x, shift=self.augment, color=self.color, shift_fn=self.shift_fn)
         return self.features(x)
 
 
@@ -160,7 +169,7 @@ class PretrainedEncoder(KeypointEncoder):
             x = to_float(frames[i:i + batch])
             out[i:i + batch, 0] = self.features(x)
             for v in range(1, variants):
-                out[i:i + batch, v] = self.features(augment(x, shift=True, color=True))
+                out[i:i + batch, v] = self.features(augment(x, shift=True, color=True, shift_fn=self.shift_fn))
         return out
 
     def save(self, path: str | Path) -> Path:
