@@ -208,10 +208,13 @@ class EMA(nn.Module):
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         d = self.decay()
-        ema, live = list(self.model.parameters()), [p.detach() for p in model.parameters()]
+        ema, live = list(self.model.parameters()), list(model.parameters())
         if len(ema) != len(live):
             raise ValueError(f"EMA copy has {len(ema)} parameters, the model {len(live)}: not the same network")
-        torch._foreach_lerp_(ema, live, 1 - d)  # one fused call: a Python loop of lerp_ cost ~1 ms a step
+        # frozen parameters (a pretrained image encoder) never move: nothing to average
+        moving = [(e, p.detach()) for e, p in zip(ema, live, strict=True) if p.requires_grad]
+        if moving:  # one fused call: a Python loop of lerp_ cost ~1 ms a step
+            torch._foreach_lerp_([e for e, _ in moving], [p for _, p in moving], 1 - d)
         for e, b in zip(self.model.buffers(), model.buffers(), strict=True):
             e.copy_(b)
         self.step += 1

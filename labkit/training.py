@@ -106,6 +106,8 @@ def quiet_lightning() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    # a frozen pretrained image encoder stays in eval mode on purpose (labkit.vision.PretrainedEncoder)
+    warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
 
 
 def train_module(module: L.LightningModule, batches, steps: int, seed: int = 0, progress: bool = True,

@@ -23,6 +23,10 @@ SHIPPED = {
     "pusht_block_rel": ("labkit/PushT-v0", {"frame": "block", "actions": "relative"}, 200, 0),
     # The imperfect expert's episodes, failures included (RECAP-style methods learn from both).
     "peg": ("labkit/PegInsert-v0", {}, 200, 0),
+    # Pixel datasets at 64 px (lesson 11): PushT's top camera with relative world-frame actions, and
+    # the arm's two cameras with its joints (what the real arm observes); `state` rides along for analysis.
+    "pusht_rel_pixels": ("labkit/PushT-v0", {"obs_mode": "pixels", "image_size": 64, "actions": "relative"}, 200, 0),
+    "arm_pixels": ("labkit/ArmPickCube-v0", {"obs_mode": "pixels", "image_size": 64}, 200, 0),
     "arm": ("labkit/ArmPickCube-v0", {}, 200, 0),  # the classroom arm's twin, teleop-style expert
 }
 EVAL_SEED = 1000  # the first evaluation seed: every lesson, `evaluate` and `labkit eval` start here

@@ -1,8 +1,8 @@
 """Image preparation and augmentation, on a whole batch at once (never per image in Python).
 
 Images travel as uint8 [..., H, W, 3] (what cameras and the datasets' frame cache hold: 4x smaller
-than float) and become float [N, 3, H, W] in [0, 1], channels-last in memory (faster convolutions
-on a CPU: benchmarks/vision.py), only inside an encoder.
+than float) and become float [N, 3, H, W] in [0, 1] (channels-last in memory) only inside an encoder.
+Images are square (every labkit camera is).
 """
 
 from __future__ import annotations

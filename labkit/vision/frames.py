@@ -1,7 +1,7 @@
 """The frame cache: a dataset's camera frames decoded once into memory (uint8), gathered per batch.
 
 Training windows repeat every frame `obs_horizon` times; gathering them up front would copy every image
-that often (at 2 frames, 64 px and two cameras, 1.8 GB for the 19k-frame arm dataset instead of 0.45).
+that often (at 2 frames, 64 px and two cameras, 0.94 GB for the 19k-frame arm dataset instead of 0.47).
 A `FrameTable` keeps one copy of the frames and gathers a minibatch's windows when it is drawn.
 With a frozen encoder it holds the frames' features instead ([F, variants, D]: the clean frame and
 augmented copies, computed once), and each window draws one variant per frame.
