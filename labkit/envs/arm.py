@@ -319,11 +319,7 @@ class ArmPickCubeEnv(MujocoTask):
         obs = super()._obs()
         if self.obs_mode == "pixels":
             obs["joints"] = obs["proprio"][:6].copy()  # the same (noisy) reading as proprio, positions only
-            self.camera = "wrist"  # the base renders `self.camera`; borrow it for the second view
-            try:
-                obs["wrist"] = self._render(self.image_size)
-            finally:
-                self.camera = "top"
+            obs["wrist"] = self.render_camera("wrist", self.image_size)  # the second view
         return obs
 
     # ---- success ------------------------------------------------------------------------------

@@ -227,6 +227,15 @@ class MujocoTask(gym.Env):
             obs["pixels"] = self._render(self.image_size)
         return obs
 
+    def render_camera(self, camera: str, size: int) -> np.ndarray:
+        """Camera `camera`'s image at `size` px now, as a pixel observation shows it (with the look's
+        noise), whatever `obs_mode` is: for rendering only some frames of a state-mode rollout."""
+        old, self.camera = self.camera, camera
+        try:
+            return self._render(size)
+        finally:
+            self.camera = old
+
     def _render(self, size: int) -> np.ndarray:
         if size not in self._renderers:
             try:

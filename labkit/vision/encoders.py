@@ -149,6 +149,7 @@ class PretrainedEncoder(KeypointEncoder):
         self.register_buffer("target_mean", torch.zeros(len(targets)))
         self.register_buffer("target_std", torch.ones(len(targets)))
         self.out_dim = 2 * keypoints + len(targets)
+        self.variants = 4  # copies per frame `precompute` makes: the clean image and 3 augmented ones
         self.meta = {"targets": self.targets, "image_size": self.image_size, "camera": camera, "task": task,
                      "keypoints": keypoints, "channels": channels, "hidden": hidden}
 
@@ -169,9 +170,11 @@ class PretrainedEncoder(KeypointEncoder):
         return super().train(mode and any(p.requires_grad for p in self.parameters()))
 
     @torch.no_grad()
-    def precompute(self, frames: torch.Tensor, variants: int = 4, batch: int = 512) -> torch.Tensor:
+    def precompute(self, frames: torch.Tensor, variants: int | None = None, batch: int = 512) -> torch.Tensor:
         """Features of every frame, once: [F, variants, out_dim], variant 0 of the clean image and the
-        rest of randomly shifted and colour-jittered copies (the augmentation, computed ahead)."""
+        rest of randomly shifted and colour-jittered copies (the augmentation, computed ahead).
+        `variants` defaults to the encoder's `variants` attribute (1: no augmentation)."""
+        variants = variants or self.variants
         out = torch.empty(len(frames), variants, self.out_dim)
         for i in range(0, len(frames), batch):
             x = self.prepare(frames[i:i + batch])
