@@ -123,7 +123,7 @@ def test_pretraining_learns_where_things_are_from_pixels():
     torch.manual_seed(0)
     data = render("arm", size=32, episodes=24, every=2)
     held = data["episode"] >= 20
-    enc, rmse = train_encoder(data["images"]["pixels"], data["targets"], held, "arm", "pixels", steps=300,
+    enc, rmse, _ = train_encoder(data["images"]["pixels"], data["targets"], held, "arm", "pixels", steps=300,
                               batch_size=64)
     spread = data["targets"].std(0)  # guessing the mean of all placements
     names = RECIPES["arm"].targets
