@@ -174,6 +174,8 @@ def test_pixel_policies_train_and_act(kind, tmp_path):
         moved = [k for k, v in enc.state_dict().items() if not torch.equal(v, before[k])]
         if kind == "pretrained":
             assert moved == []
+            shipped = PretrainedEncoder.load("tinytest_top").state_dict()  # the trained weights, not a fresh net
+            assert all(torch.equal(v, shipped[k]) for k, v in enc.encoder("observation.images.top").state_dict().items())
             top = enc.encoder("observation.images.top")
             frames = torch.as_tensor(ds.frames["observation.images.top"][:5])
             torch.testing.assert_close(top.precompute(frames, variants=2)[:, 0], top(frames))
