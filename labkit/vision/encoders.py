@@ -150,9 +150,8 @@ class PretrainedEncoder(KeypointEncoder):
         self.register_buffer("target_std", torch.ones(len(targets)))
         if outputs not in ("predictions", "keypoints+predictions"):
             raise ValueError(f"outputs must be 'predictions' or 'keypoints+predictions', got {outputs!r}")
-        # What a policy reads. Its predictions alone, by default: with the 64 keypoint coordinates too, flow
-        # policies fitted their demonstrations (PushT: 5 mm action error) and failed in closed loop (0% of
-        # 50 episodes on PushT, 12% of 100 on the arm), where a state policy on the same data reached 78%.
+        # What a policy reads: by default the predictions alone, a state estimate (few numbers, each with a
+        # meaning); "keypoints+predictions" adds the 2 x keypoints coordinates.
         self.outputs = outputs
         self.out_dim = len(targets) + (2 * keypoints if outputs != "predictions" else 0)
         self.variants = 4  # copies per frame `precompute` makes: the clean image and 3 augmented ones
