@@ -45,6 +45,17 @@ def _rate(fn, seconds: float) -> float:
     return n / (time.perf_counter() - start)
 
 
+def median_ms(fn, calls: int) -> float:
+    """Median milliseconds of `calls` calls of fn (after one warm-up call)."""
+    fn()
+    times = []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return 1000 * sorted(times)[len(times) // 2]
+
+
 def _random_actions(space, n: int = 1000):
     """An endless cycle of n random actions, drawn beforehand: gymnasium's `Box.sample` costs ~15 us,
     a sixth of a PushT step, and it is the benchmark's cost, not the env's."""
@@ -215,13 +226,7 @@ def bench_policies(steps: int = 100, calls: int = 30) -> list[dict]:
         for k in ([1] if name == "BC" else [1, 5, 10, 20]):
             if name != "BC":
                 policy.config.steps = k
-            policy.predict_action_chunk(one)
-            times = []
-            for _ in range(calls):
-                t0 = time.perf_counter()
-                policy.predict_action_chunk(one)
-                times.append(time.perf_counter() - t0)
-            row[f"ms_per_chunk_k{k}"] = 1000 * sorted(times)[len(times) // 2]
+            row[f"ms_per_chunk_k{k}"] = median_ms(lambda p=policy, o=one: p.predict_action_chunk(o), calls)
         rows.append(row)
         lat = ", ".join(f"K={k}: {v:.1f}" for k, v in ((c[14:], v) for c, v in row.items() if c.startswith("ms_per")))
         print(f"{name:9s} {row['backbone']:4s} {row['activation']:4s} {params / 1e6:5.2f}M params  {row['train_steps_per_s']:6.1f} steps/s  "

@@ -48,6 +48,7 @@ from pathlib import Path
 import lightning as L
 import torch
 import torch.nn.functional as F
+from run import median_ms  # benchmarks/run.py: `python benchmarks/vision.py` puts benchmarks/ on sys.path
 from torch import nn
 
 HERE = Path(__file__).resolve().parent
@@ -185,7 +186,7 @@ def bench_policies(steps: int, episodes: int | None, calls: int = 30) -> tuple[l
     cases = [
         ("state", state, {"obs_keys": ("observation.state",)}, 256, ""),
         ("pixels, conv (end to end)", pixels, {"obs_keys": PIXEL_KEYS, "image_encoder": "conv"}, 64,
-         "ConvEncoder with Mish, random shift"),
+         "ConvEncoder with ReLU (policies build it so), random shift"),
         ("pixels, keypoints (end to end)", pixels, {"obs_keys": PIXEL_KEYS, "image_encoder": "keypoints"}, 64,
          "random shift"),
         ("pixels, pretrained (frozen)", pixels, {"obs_keys": PIXEL_KEYS, "image_encoder": "pretrained", **pre_cfg},
@@ -225,17 +226,11 @@ def bench_policies(steps: int, episodes: int | None, calls: int = 30) -> tuple[l
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
-            policy.predict_action_chunk(one)
-            lat = []
-            for _ in range(calls):
-                t0 = time.perf_counter()
-                policy.predict_action_chunk(one)
-                lat.append(time.perf_counter() - t0)
+            ms = median_ms(lambda p=policy, o=one: p.predict_action_chunk(o), calls)
         finally:
             torch.set_num_threads(threads)
-        infer_rows.append({"policy": name, "flow_steps": 10, "ms_per_chunk": 1000 * statistics.median(lat),
-                           "ms_min": 1000 * min(lat), "calls": calls})
-        print(f"  {1000 * statistics.median(lat):.2f} ms per chunk (median of {calls}, 1 thread)", flush=True)
+        infer_rows.append({"policy": name, "flow_steps": 10, "ms_per_chunk": ms, "calls": calls})
+        print(f"  {ms:.2f} ms per chunk (median of {calls}, 1 thread)", flush=True)
     return train_rows, infer_rows, pre_rows
 
 
