@@ -237,3 +237,13 @@ def test_student_notebook_fails_at_first_exercise(name, tmp_path):
     stubs = stub_cells(nbformat.read(src, as_version=4))
     assert_fails_at(executed, stub, src.name, stubs[1] if len(stubs) > 1 else None)
 
+
+
+@pytest.mark.parametrize("name", SOLUTION_NAMES)
+def test_lesson_lint(name):
+    """No result typed into a lesson's prose (print it from its variable), and every check gives a hint."""
+    from labkit.teach.lint import scan
+
+    problems = scan(SOLUTIONS / f"{name}.ipynb")
+    assert not problems, f"{name}:\n" + "\n".join(f"  cell {i}: {what}" for i, what in problems) + (
+        "\n(rule: labkit/teach/lint.py; `python -m labkit.teach.lint solutions/*.ipynb` lists them)")

@@ -304,3 +304,35 @@ def test_harness_runs_solution_and_student_copy(tmp_path):
     assert err.value.ename == "NotImplementedError"
     assert_fails_at(nbformat.read(tmp_path / "student_out.ipynb", as_version=4), stub, "99_demo.ipynb")
     assert "answer" not in load_metrics(tmp_path / "student.json")
+
+
+# ---------------------------------------------------------------- lesson lint (labkit.teach.lint)
+@pytest.mark.parametrize("text, hits", [
+    ("flow reached **85% (77-91%, 100 episodes)** after 3.0 min", ["85%", "77-91%", "3.0"]),
+    ("mean final coverage 0.93", ["0.93"]),
+    ("DPPO: 47% → 91%", ["47%", "91%"]),
+    # parameters in code or math, the level of an interval, section numbers and counts are not results
+    ("success needs coverage `> 0.95`; noise $\\sigma = 0.1$; a Wilson 95% interval", []),
+    ("a 95% confidence interval over 200 episodes, chunks of 16 (lab guide §3.4)", []),
+    ("```\nlr = 3.0e-4\n```", []),
+])
+def test_typed_results_rule(text, hits):
+    from labkit.teach.lint import typed_results
+
+    found = typed_results(text)
+    assert len(found) == len(hits), found
+    for hit, number in zip(found, hits, strict=True):
+        assert number.split("-")[0] in hit
+
+
+def test_checks_without_hint_finds_bare_checks():
+    from labkit.teach.lint import checks_without_hint
+
+    source = ('%matplotlib inline\n'
+              'check("a", x == 1)\n'
+              'check("b", x == 1, "look at the sign")\n'   # positional hint
+              'check_close("c", y, z, hint="")\n'          # empty hint
+              'check_close("d", y, z, hint=f"y={y}")\n'
+              'check_shape("e", y, (2, 3))\n')
+    missing = checks_without_hint(source)
+    assert [m.split('"')[1] for m in missing] == ["a", "c", "e"]
