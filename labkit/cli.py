@@ -4,6 +4,8 @@
     labkit datasets                 regenerate the shipped datasets with the scripted experts
     labkit fit --config YAML        a policy (configs/) or an RL method (configs/rl/) through LightningCLI
     labkit eval CKPT ENV_ID         success with a Wilson interval (a policy's or an RL run's checkpoint)
+    labkit minari export DATA ID    a labkit dataset (name or folder) as a Minari dataset (state only)
+    labkit minari import ID FOLDER  a local Minari dataset as a labkit dataset folder
 
 A config or checkpoint that cannot be used is one line on stderr (`labkit fit: error: ...`) and exit status 2.
 """
@@ -162,6 +164,19 @@ def main(argv=None) -> int:
     r.add_argument("--out", help="write Gradescope's results.json here")
     r.add_argument("--full", action="store_true", help="run with FAST=False (default: FAST=True)")
     r.add_argument("--timeout", type=int, default=600, help="seconds per cell")
+    m = sub.add_parser("minari", help="export to / import from Minari, the offline-RL format (pip install "
+                                      "'labkit[minari]'; Minari's folder: $MINARI_DATASETS_PATH or ~/.minari/datasets)")
+    mx = m.add_subparsers(dest="direction", required=True)
+    x = mx.add_parser("export", help="a labkit dataset as a Minari dataset (state observations)")
+    x.add_argument("dataset", help="a shipped dataset name or a dataset folder")
+    x.add_argument("dataset_id", help="the Minari id, e.g. labkit/detour-v0")
+    x.add_argument("--episodes", type=int, help="only the first N episodes")
+    x.add_argument("--overwrite", action="store_true", help="replace a Minari dataset of that id")
+    i = mx.add_parser("import", help="a local Minari dataset as a labkit dataset folder")
+    i.add_argument("dataset_id")
+    i.add_argument("out", help="the labkit dataset folder to write")
+    i.add_argument("--fps", type=float, help="control rate (default: the env's render_fps)")
+    i.add_argument("--overwrite", action="store_true", help="replace a non-empty folder")
     a = p.parse_args(argv)
 
     if a.cmd == "demo":
@@ -178,6 +193,18 @@ def main(argv=None) -> int:
             return grade_main(a.notebook, a.solution, a.out, a.full, a.timeout)
         except (FileNotFoundError, ValueError) as err:
             p.error(str(err))
+    elif a.cmd == "minari":
+        from labkit.data.minari import from_minari, to_minari
+
+        try:
+            if a.direction == "export":
+                ds = to_minari(a.dataset, a.dataset_id, episodes=a.episodes, overwrite=a.overwrite)
+                print(f"wrote Minari dataset {a.dataset_id}: {ds.total_episodes} episodes, {ds.total_steps} steps "
+                      f"at {ds.storage.data_path.parent}")
+            else:
+                print(f"wrote labkit dataset {from_minari(a.dataset_id, a.out, fps=a.fps, overwrite=a.overwrite)}")
+        except (ValueError, FileNotFoundError, FileExistsError, ImportError) as err:
+            _fail("minari", err)
     elif a.cmd == "eval":
         from labkit.eval import evaluate
         from labkit.fitting.rl import check_env_id

@@ -11,9 +11,11 @@ Data recorded with LeRobot on a real arm loads here, and data recorded here load
 from labkit.data.dataset import EpisodeDataset, check_compatible, load_dataset
 from labkit.data.format import DatasetError
 from labkit.data.keys import env_key, feature_key
+from labkit.data.minari import from_minari, to_minari  # minari itself is imported only when they run
 from labkit.data.normalize import Normalizer
 from labkit.data.recorder import Recorder, record
 from labkit.data.shipped import DATASETS, EVAL_SEED, SHIPPED, open_dataset
 
 __all__ = ["record", "Recorder", "load_dataset", "EpisodeDataset", "Normalizer", "DatasetError",
-           "check_compatible", "feature_key", "env_key", "DATASETS", "EVAL_SEED", "SHIPPED", "open_dataset"]
+           "check_compatible", "feature_key", "env_key", "DATASETS", "EVAL_SEED", "SHIPPED", "open_dataset",
+           "to_minari", "from_minari"]
