@@ -336,3 +336,25 @@ def test_checks_without_hint_finds_bare_checks():
               'check_shape("e", y, (2, 3))\n')
     missing = checks_without_hint(source)
     assert [m.split('"')[1] for m in missing] == ["a", "c", "e"]
+
+
+def test_without_refuses_labkit_references_and_restores_them(capsys):
+    import labkit.eval
+    import labkit.policies
+    from labkit.eval import wilson_interval
+    from labkit.policies import fit
+    from labkit.teach import without
+
+    # A notebook's globals: a "solution" that hands back labkit's reference, and one written out.
+    notebook = {"wilson_interval": wilson_interval}
+    exec("def handed_back(k, n):\n    return wilson_interval(k, n)\n"
+         "def written_out(k, n):\n    return (k / n, k / n)", notebook)
+    with without(wilson_interval, fit, namespace=notebook):
+        assert notebook["written_out"](1, 2) == (0.5, 0.5)
+        with pytest.raises(ExerciseFailed, match="labkit.eval.wilson_interval"):
+            notebook["handed_back"](1, 2)
+        with pytest.raises(ExerciseFailed):
+            labkit.policies.fit(None, None)  # a re-export is refused too
+    assert "called labkit's" in capsys.readouterr().out
+    assert labkit.eval.wilson_interval is wilson_interval and labkit.policies.fit is fit
+    assert notebook["handed_back"](1, 2) == wilson_interval(1, 2)

@@ -9,7 +9,7 @@ In a lesson notebook::
 Instructors regenerate student copies with ``make student`` (``python -m labkit.teach.student``).
 """
 
-from labkit.teach.checks import ExerciseFailed, check, check_close, check_shape
+from labkit.teach.checks import ExerciseFailed, check, check_close, check_shape, without
 from labkit.teach.record import load_metrics, metrics, record
 
 _STUDENT = ("make_student", "generate", "stale", "strip_outputs")
@@ -27,6 +27,6 @@ def __getattr__(name: str):
 
 __all__ = [
     "record", "metrics", "load_metrics",
-    "check", "check_close", "check_shape", "ExerciseFailed",
+    "check", "check_close", "check_shape", "without", "ExerciseFailed",
     "make_student", "generate", "stale", "strip_outputs",
 ]

@@ -7,7 +7,10 @@ papermill fails CI when a solution notebook regresses).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import inspect
+import sys
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -102,3 +105,53 @@ def check_shape(name: str, x: Any, shape: Sequence[int | None], hint: str = "") 
         shown = "(" + ", ".join("*" if w is None else str(w) for w in want) + ("," if len(want) == 1 else "") + ")"
         _fail(name, f"shape is {got}, expected {shown}", hint)
     _ok(name)
+
+
+@contextmanager
+def without(*references: Callable, namespace: dict | None = None):
+    """Within the block, labkit's `references` raise ExerciseFailed when called.
+
+    A hidden test runs the student's function inside it, so an exercise that hands back labkit's own
+    version (`def my_loss(*a): return labkit_loss(*a)`) fails, while one written out passes::
+
+        with without(labkit.rl.dppo.gaussian_log_prob):
+            check_close("log-prob", my_log_prob(x, mu, std), expected, hint=...)
+
+    Each reference is replaced where it lives (its module, or its class for a method), wherever a labkit
+    module re-exports it, and wherever `namespace` (default: the caller's globals, i.e. the notebook's)
+    binds a name to it; all are restored on exit.
+    """
+    if namespace is None:
+        namespace = inspect.currentframe().f_back.f_back.f_globals  # the caller of the `with`
+    patched: list[tuple[Any, str, Any]] = []
+
+    def refuse(ref: Callable) -> Callable:
+        def call(*args, **kwargs):
+            _fail(f"{ref.__qualname__} called", "this exercise asks for your own version, and it called "
+                  f"labkit's {ref.__module__}.{ref.__qualname__}", "write the computation out yourself")
+        return call
+
+    try:
+        for ref in references:
+            ref = getattr(ref, "__func__", ref)  # a bound or class method: its function
+            owner: Any = sys.modules[ref.__module__]
+            *path, name = ref.__qualname__.split(".")
+            for part in path:
+                owner = getattr(owner, part)
+            stand_in = refuse(ref)
+            patched.append((owner, name, owner.__dict__[name]))
+            setattr(owner, name, stand_in)
+            # every other name bound to it: the notebook's, and labkit's re-exports (labkit.policies.fit)
+            spaces = [namespace] + [vars(m) for n, m in list(sys.modules.items()) if n.split(".")[0] == "labkit"]
+            for space in spaces:
+                for key, value in list(space.items()):
+                    if value is ref:
+                        patched.append((space, key, value))
+                        space[key] = stand_in
+        yield
+    finally:
+        for owner, name, value in reversed(patched):
+            if isinstance(owner, dict):
+                owner[name] = value
+            else:
+                setattr(owner, name, value)
