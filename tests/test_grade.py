@@ -3,13 +3,15 @@ and a student's edits to check cells ignored. Uses a small synthetic lesson (a f
 
 from __future__ import annotations
 
+import importlib
 import json
+from pathlib import Path
 
 import nbformat
 import pytest
 
-from labkit.teach.grade import exercises, grade
-from labkit.teach.student import _clean, dumps, make_student
+from labkit.teach.grade import exercises, grade, handing_back
+from labkit.teach.student import BEGIN_HIDDEN, _clean, dumps, make_student
 
 CELLS = [
     ("markdown", "# A tiny lesson"),
@@ -80,3 +82,59 @@ def test_bad_input_is_named(tmp_path):
     del student.cells[3]
     with pytest.raises(ValueError, match="no cell matching"):
         grade(_write(tmp_path, student), sol, cwd=tmp_path)
+
+
+# ---------------------------------------------------------------- the real lessons
+ROOT = Path(__file__).resolve().parents[1]
+LESSONS = sorted(p.stem for p in (ROOT / "solutions").glob("*.ipynb"))
+
+
+def _referenced(name: str) -> set[str]:
+    """The exercises of lesson `name` that name their labkit counterpart (cell metadata "reference")."""
+    sol = nbformat.read(ROOT / "solutions" / f"{name}.ipynb", as_version=4)
+    return {ex.name for ex in exercises(sol) if sol.cells[ex.cell].metadata.get("reference")}
+
+
+def assert_grades(name: str, tmp_path) -> None:
+    """The solution scores full marks, the student copy zero, and a copy whose exercises hand back
+    labkit's own functions loses every exercise that names one (its hidden tests catch it)."""
+    sol_path = ROOT / "solutions" / f"{name}.ipynb"
+    full = grade(sol_path, sol_path, cwd=ROOT)
+    assert full["score"] == full["max_score"], [t for t in full["tests"] if t["score"] < t["max_score"]]
+    blank = grade(ROOT / "notebooks" / f"{name}.ipynb", sol_path, cwd=ROOT)
+    assert blank["score"] == 0, [t["name"] for t in blank["tests"] if t["score"]]
+    referenced = _referenced(name)
+    if referenced:
+        cheat = tmp_path / "notebooks" / f"{name}.ipynb"
+        cheat.parent.mkdir(parents=True)
+        cheat.write_text(dumps(handing_back(nbformat.read(sol_path, as_version=4))))
+        res = grade(cheat, sol_path, cwd=ROOT)
+        caught = {t["name"] for t in res["tests"] if t["score"] == 0}
+        assert caught == referenced, f"hidden tests missed {referenced - caught}; also failed: {caught - referenced}"
+        assert all("called labkit's" in t["output"] for t in res["tests"] if t["name"] in caught)
+
+
+@pytest.mark.notebook
+def test_lesson_00_grades_full_zero_and_catches_handed_back_references(tmp_path):
+    assert _referenced("00_tour"), "lesson 00's Wilson exercise should name labkit.eval:wilson_interval"
+    assert_grades("00_tour", tmp_path)
+
+
+@pytest.mark.grading
+@pytest.mark.parametrize("name", [n for n in LESSONS if n != "00_tour"])
+def test_every_lesson_grades_full_zero_and_catches_handed_back_references(name, tmp_path):
+    """Three FAST runs per lesson: `make grade-check` runs them (not `make test`: ~30 min on 2 cores)."""
+    assert_grades(name, tmp_path)
+
+
+@pytest.mark.parametrize("name", LESSONS)
+def test_referenced_exercises_have_hidden_tests_that_forbid_the_reference(name):
+    sol = nbformat.read(ROOT / "solutions" / f"{name}.ipynb", as_version=4)
+    for ex in exercises(sol):
+        ref = sol.cells[ex.cell].metadata.get("reference")
+        if not ref:
+            continue
+        module, qualname = ref.split(":")
+        assert hasattr(importlib.import_module(module), qualname.split(".")[0]), f"{name} {ex.name}: no {ref}"
+        hidden = [sol.cells[i].source for i in ex.tests if BEGIN_HIDDEN in sol.cells[i].source]
+        assert any("without(" in h for h in hidden), f"{name} {ex.name}: no hidden test runs it inside without(...)"

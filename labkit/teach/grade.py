@@ -14,6 +14,7 @@ those of exercises that use its result, not the rest. An exercise scores its poi
 
 from __future__ import annotations
 
+import ast
 import json
 import re
 import time
@@ -23,7 +24,7 @@ from pathlib import Path
 import nbformat
 from nbformat import NotebookNode
 
-from labkit.teach.student import BEGIN_HIDDEN, BEGIN_SOLUTION, cell_id
+from labkit.teach.student import BEGIN_HIDDEN, BEGIN_SOLUTION, END_SOLUTION, cell_id
 
 _CHECK_CALL = re.compile(r"\bcheck(_close|_shape)?\s*\(")
 _DEF = re.compile(r"^\s*def\s+(\w+)\s*\(", re.M)
@@ -71,6 +72,32 @@ def _restore_tests(student: NotebookNode, solution: NotebookNode, graded: list[E
                 raise ValueError(f"the student notebook has no cell matching the solution's test cell {i} "
                                  f"(cells deleted or reordered?); grade a copy generated from this solution")
             student.cells[k].source = solution.cells[i].source
+
+
+def handing_back(solution: NotebookNode) -> NotebookNode:
+    """A copy of `solution` whose exercises hand back labkit's own function instead of being written.
+
+    Each exercise cell that names its labkit counterpart (cell metadata ``"reference":
+    "labkit.module:qualname"``) gets its solution block replaced by a call of that function with the
+    exercise's arguments. Its visible checks pass; its hidden tests (run inside
+    `labkit.teach.without`) must fail: grading this copy is how an instructor tests them.
+    """
+    nb = nbformat.from_dict(json.loads(json.dumps(solution)))
+    for cell in nb.cells:
+        ref = cell.metadata.get("reference")
+        if cell.cell_type != "code" or not ref or BEGIN_SOLUTION not in cell.source:
+            continue
+        module, qualname = ref.split(":")
+        lines = cell.source.splitlines()
+        begin = next(k for k, line in enumerate(lines) if line.strip() == BEGIN_SOLUTION)
+        end = next(k for k, line in enumerate(lines) if line.strip() == END_SOLUTION)
+        func = next(n for n in ast.walk(ast.parse(cell.source)) if isinstance(n, ast.FunctionDef)
+                    and n.lineno <= begin + 1 <= n.end_lineno)
+        names = [a.arg for a in func.args.posonlyargs + func.args.args]
+        indent = lines[begin][: len(lines[begin]) - len(lines[begin].lstrip())]
+        call = f"{indent}return __import__('importlib').import_module({module!r}).{qualname}({', '.join(names)})"
+        cell.source = "\n".join(lines[:begin] + [call] + lines[end + 1:])
+    return nb
 
 
 def _inject(nb: NotebookNode, parameters: dict) -> None:
