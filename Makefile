@@ -10,7 +10,7 @@ SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export MUJOCO_GL ?= egl
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup gl demo test test-fast grade-check lab student marimo datasets bench docs clean
+.PHONY: setup gl demo test test-fast grade-check full lab student marimo datasets bench docs clean
 
 setup: gl $(STAMP)
 
@@ -59,6 +59,10 @@ datasets: setup
 
 bench: setup
 	$(BIN)/python benchmarks/run.py
+
+# Every lesson in full mode (FAST=False): results/full.json and README's generated results block.
+full: setup
+	OMP_NUM_THREADS=1 $(BIN)/python -m labkit.teach.full
 
 # The course site: every lesson executed in FAST mode, solutions hidden, outputs kept (Jupyter Book).
 docs: setup

@@ -6,6 +6,7 @@ import importlib
 import json
 import math
 import sys
+from pathlib import Path
 
 import nbformat
 import numpy as np
@@ -358,3 +359,34 @@ def test_without_refuses_labkit_references_and_restores_them(capsys):
     assert "called labkit's" in capsys.readouterr().out
     assert labkit.eval.wilson_interval is wilson_interval and labkit.policies.fit is fit
     assert notebook["handed_back"](1, 2) == wilson_interval(1, 2)
+
+
+# ---------------------------------------------------------------- make full: results file and README
+def test_full_results_render_into_the_readme_block(tmp_path):
+    from labkit.teach.full import BEGIN, END, readme_block, render, update_readme
+
+    data = {"01_bc": {"date": "2026-12-03", "machine": "a CPU, 2 cores, Linux", "minutes": 2.14,
+                      "parameters": {"FAST": False, "SEED": 0},
+                      "metrics": {"detour_bc_success": 0.0, "frames": 1200, "curve": [0.5, 0.25]}}}
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\nbefore\n{BEGIN}\nstale\n{END}\nafter\n")
+    update_readme(readme, data)
+    text = readme.read_text()
+    assert text.startswith("# x\n\nbefore\n") and text.endswith("after\n") and "stale" not in text
+    block = readme_block(text)
+    assert block == render(data)
+    assert "| `01_bc` | 2026-12-03 | 2.1 |" in block and "`detour_bc_success` = 0" in block and "[0.5, 0.25]" in block
+    readme.write_text("# no markers\n")
+    with pytest.raises(ValueError, match="no generated results block"):
+        update_readme(readme, data)
+
+
+def test_readme_results_agree_with_the_results_file():
+    """README.md's generated block is exactly what results/full.json renders to (`make full` writes both)."""
+    from labkit.teach.full import readme_block, render
+
+    root = Path(__file__).resolve().parents[1]
+    results = root / "results" / "full.json"
+    data = json.loads(results.read_text()) if results.exists() else {}
+    assert readme_block((root / "README.md").read_text()) == render(data), (
+        "README.md's full-mode block differs from results/full.json: run `python -m labkit.teach.full --readme-only`")

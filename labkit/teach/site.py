@@ -1,11 +1,12 @@
-"""Build the course site: every lesson executed in FAST mode, solutions hidden, as a Jupyter Book.
+"""Build the course site: every lesson executed, solutions hidden, as a Jupyter Book.
 
     make docs                                   # = python -m labkit.teach.site
     python -m labkit.teach.site --only 00_tour  # one lesson, for a quick look
 
-Each solution notebook runs with papermill (FAST=True, SEED=0: what CI runs), then its solution blocks
-are replaced by the student stub while the outputs stay, so the site shows the figures and numbers of
-a real run without giving the exercises away. The pages are written to build/site/src and rendered
+A lesson's page is its full-mode run from `make full` (build/full/, when newer than the lesson), else a
+run with papermill in FAST mode (FAST=True, SEED=0: what CI runs); a banner says which. Its solution
+blocks are then replaced by the student stub while the outputs stay, so the site shows the figures and
+numbers of a real run without giving the exercises away. The pages are written to build/site/src and rendered
 with Jupyter Book (no re-execution) into build/site/_build/html; open index.html.
 """
 
@@ -53,6 +54,16 @@ def publishable(nb) -> nbformat.NotebookNode:
     return nb
 
 
+def label(nb, mode: str) -> nbformat.NotebookNode:
+    """Put a banner at the top of a page saying which run its outputs come from."""
+    text = ("> **Full-mode run** (`make full`, `FAST=False`): the outputs below are the lesson's real results."
+            if mode == "full" else
+            "> **FAST-mode run** (tiny budgets, what CI runs): the outputs below check that the lesson runs; "
+            "its numbers are not the lesson's results (`make full` produces those).")
+    nb.cells.insert(0, nbformat.v4.new_markdown_cell(text))
+    return nb
+
+
 def write_book(pages: list[tuple[str, str]], src: Path, title: str) -> None:
     """The Jupyter Book around the pages [(file stem, title)]: config, table of contents, an index page."""
     (src / "_config.yml").write_text(
@@ -61,15 +72,16 @@ def write_book(pages: list[tuple[str, str]], src: Path, title: str) -> None:
     toc = "format: jb-book\nroot: index\nchapters:\n" + "".join(f"  - file: {stem}\n" for stem, _ in pages)
     (src / "_toc.yml").write_text(toc)
     lines = [f"# {title}", "",
-             "Every lesson below was executed top to bottom in FAST mode (tiny budgets, what CI runs); the "
-             "numbers in the text are full-mode measurements. Exercise solutions are hidden: run the "
-             "student notebooks in `notebooks/` to do them.", ""]
+             "Every lesson below was executed top to bottom, in full mode where `make full` has run and in "
+             "FAST mode (tiny budgets, what CI runs) otherwise; a banner on each page says which. Exercise "
+             "solutions are hidden: run the student notebooks in `notebooks/` to do them.", ""]
     lines += [f"- [{t}]({stem}.ipynb)" for stem, t in pages]
     (src / "index.md").write_text("\n".join(lines) + "\n")
 
 
 def build(solutions: Path = Path("solutions"), out: Path = Path("build/site"), only: list[str] | None = None,
-          title: str = "labkit: a robot-learning course", parameters: dict | None = None) -> Path:
+          title: str = "labkit: a robot-learning course", parameters: dict | None = None,
+          full_runs: Path = Path("build/full")) -> Path:
     """Execute, publish and render the lessons; return the path of the site's index.html."""
     lessons = sorted(solutions.glob("*.ipynb"))
     if only:
@@ -85,11 +97,16 @@ def build(solutions: Path = Path("solutions"), out: Path = Path("build/site"), o
     for lesson in lessons:
         start = time.perf_counter()
         executed = src / lesson.name
-        execute(lesson, executed, parameters)
-        nb = publishable(nbformat.read(executed, as_version=4))
+        full = full_runs / lesson.name
+        if parameters is None and full.exists() and full.stat().st_mtime >= lesson.stat().st_mtime:
+            mode, nb = "full", nbformat.read(full, as_version=4)
+        else:
+            execute(lesson, executed, parameters)
+            mode, nb = "FAST", nbformat.read(executed, as_version=4)
+        nb = label(publishable(nb), mode)
         nbformat.write(nb, executed)
         pages.append((lesson.stem, _title(nb)))
-        print(f"executed {lesson.name} in {time.perf_counter() - start:.0f} s")
+        print(f"{lesson.name}: {mode} run, {time.perf_counter() - start:.0f} s")
     write_book(pages, src, title)
     jb = Path(sys.executable).with_name("jupyter-book")  # the console script of this environment
     subprocess.run([str(jb), "build", str(src), "--path-output", str(out)],
