@@ -11,7 +11,15 @@ import labkit  # noqa: F401  (before anything imports mujoco: picks the GL backe
 import labkit.data
 from labkit.data import load_dataset
 from labkit.policies import DiffusionPolicy, fit
-from labkit.rl.dppo import DPPO, DPPOConfig, clip_schedule, denoising_discount, ppo_loss, reduce_log_probs
+from labkit.rl.dppo import (
+    DPPO,
+    DPPOConfig,
+    clip_schedule,
+    denoising_discount,
+    ppo_loss,
+    reduce_log_probs,
+    step_log_prob,
+)
 from labkit.rl.returns import gae
 
 ENV = "labkit/Detour-v0"
@@ -290,6 +298,37 @@ def test_finetuning_the_last_steps_only(flow_policy):
         assert torch.equal(p, q)
     chunk = agent.eval_policy().predict_action_chunk({"observation.state": torch.zeros(2, 2, 6)})
     assert chunk.shape == (2, 8, 2) and torch.isfinite(chunk).all()
+
+
+def test_step_log_prob_by_hand():
+    x, mean, std = torch.zeros(1, 3, 1), torch.tensor([[[0.0], [0.1], [10.0]]]), torch.tensor(0.1)
+    per_dim = torch.tensor([normal_log_density(0.0, m, 0.1) for m in (0.0, 0.1, 10.0)])
+    assert step_log_prob(x, mean, std, 2, (-5.0, 2.0)).item() == pytest.approx(per_dim[:2].clamp(-5, 2).mean().item())
+    assert step_log_prob(x, mean, std, None, (-5.0, 2.0)).item() == pytest.approx(per_dim.clamp(-5, 2).mean().item())
+
+
+def test_the_log_prob_a_lesson_hands_in_trains(flow_policy):
+    """Lesson 05 hands in its own step log-prob: labkit's `step_log_prob` scores a chain as the policy
+    does (the default), trains (almost exactly) the same; a wrong one (the log-prob's sign flipped, so the
+    ratio moves the wrong way) trains something else."""
+    def run(fn=None):
+        torch.manual_seed(0)
+        agent = DPPO(flow_policy, ENV, small_config(n_steps=5, clip_eps=0.05, clip_eps_base=0.01), log_prob_fn=fn)
+        agent.train(steps=2, progress=False)
+        return agent, torch.cat([p.flatten() for p in agent.policy.model.parameters()])
+
+    default, w_default = run()
+    mine, w_mine = run(step_log_prob)
+    obs = obs_batch(flow_policy)
+    _, chain = default.act(obs)
+    with torch.no_grad():
+        torch.testing.assert_close(mine.step_log_probs(obs, chain.latents), default.step_log_probs(obs, chain.latents),
+                                   atol=1e-5, rtol=1e-5)
+    _, w_wrong = run(lambda x, m, s, a, c: -step_log_prob(x, m, s, a, c))
+    w_start = torch.cat([p.flatten() for p in flow_policy.net(use_ema=True).parameters()])
+    moved, off, wrong = [(w - v).abs().max().item() for w, v in
+                         ((w_default, w_start), (w_mine, w_default), (w_wrong, w_default))]
+    assert off < 0.01 * moved and wrong > moved, (moved, off, wrong)
 
 
 def test_bad_config(flow_policy):

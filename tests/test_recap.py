@@ -201,6 +201,25 @@ def test_smoke_rounds_with_interventions(demos):
     assert torch.isfinite(labels["advantages"]).all() and torch.isfinite(labels["values"]).all()
 
 
+def test_the_binarize_a_lesson_hands_in_labels_the_training(demos):
+    """Lesson 05 hands in its own binarize: labkit's own, handed in, gives the default round bit for bit;
+    a wrong one (the bottom frames labelled positive) trains another policy."""
+    cfg = RECAPConfig(rounds=1, value_steps=30, policy_steps=30, batch_size=32, eval_episodes=0, policy=TINY, seed=0)
+
+    def round0(fn=None):
+        agent = RECAP(demos, ENV, cfg, binarize_fn=fn)
+        agent.run_round()
+        return agent.advantages()["indicator"], torch.cat([p.flatten() for p in agent.policy.model.parameters()])
+
+    default_labels, default = round0()
+    labels, weights = round0(binarize)
+    np.testing.assert_array_equal(labels, default_labels)
+    assert torch.equal(weights, default)
+    wrong_labels, wrong = round0(lambda a, f, forced: binarize(-np.asarray(a), f, forced))
+    assert (wrong_labels != default_labels).mean() > 0.3
+    assert not torch.equal(wrong, default)
+
+
 def test_bad_config(demos):
     with pytest.raises(ValueError, match="positive_fraction"):
         RECAPConfig(positive_fraction=0.0)

@@ -8,7 +8,15 @@ import torch
 
 import labkit  # noqa: F401  (before anything imports mujoco: picks the GL backend, registers tasks)
 from labkit.eval import evaluate
-from labkit.rl.residual import BaseRuntime, ResidualConfig, ResidualRL, ResidualSpace, demo_transitions
+from labkit.rl.residual import (
+    BaseRuntime,
+    ResidualConfig,
+    ResidualRL,
+    ResidualSpace,
+    demo_transitions,
+    td3_actor_loss,
+    td3_critic_loss,
+)
 
 ENV = "labkit/Detour-v0"
 GAMMA = 0.9
@@ -119,6 +127,46 @@ def test_short_training_lowers_critic_loss(base_policy, demos):
     for p in [*agent.actor.parameters(), *agent.critic.parameters()]:
         assert torch.isfinite(p).all()
     assert not any(p.requires_grad for p in base_policy.parameters())
+
+
+def test_the_td3_losses_a_lesson_hands_in_train(base_policy, demos):
+    """Lesson 04 hands in its own TD3 losses: labkit's own, handed in, give the default run bit for bit;
+    a critic that forgets to bootstrap, or an actor that descends Q, trains something else."""
+    def run(**losses) -> ResidualRL:
+        agent = ResidualRL(base_policy, ENV, small_config(warmup_steps=60, critic_warmup=20), demos=demos, **losses)
+        agent.train(120, progress=False)
+        return agent
+
+    def weights(agent):
+        return torch.cat([p.flatten() for p in [*agent.actor.parameters(), *agent.critic.parameters()]])
+
+    default = weights(run())
+    assert torch.equal(weights(run(critic_loss_fn=td3_critic_loss, actor_loss_fn=td3_actor_loss)), default)
+
+    def no_bootstrap(agent, batch):  # y = R_n: the TD target without its bootstrap term
+        return (agent.critic(batch["obs"], batch["action"]) - batch["reward"]).pow(2).mean(1).sum()
+
+    def ascends_nothing(agent, x):  # the wrong sign: the residual moves towards lower Q
+        return -td3_actor_loss(agent, x)
+
+    for wrong in (dict(critic_loss_fn=no_bootstrap), dict(actor_loss_fn=ascends_nothing)):
+        assert (weights(run(**wrong)) - default).abs().max() > 1e-3, wrong
+
+
+def test_td3_critic_loss_by_hand(base_policy, demos):
+    """No smoothing noise and a pair out of two heads: y = R_n + discount * min(Q1', Q2')."""
+    agent = ResidualRL(base_policy, ENV, small_config(target_noise=0.0), demos=demos)
+    batch = agent.demos.get(torch.arange(32))
+    with torch.no_grad():
+        x, x2, A = batch["obs"], batch["next_obs"], agent.space.action_dim
+        a2 = (x2[:, -A:] + agent.actor_target(x2, deterministic=True)[0]).clamp(-1, 1)
+        q2 = agent.critic_target(x2, a2)
+        y = batch["reward"] + batch["discount"] * torch.minimum(q2[0], q2[1])
+        q = agent.critic(x, batch["action"])
+        want = ((q[0] - y) ** 2).mean() + ((q[1] - y) ** 2).mean()
+        torch.testing.assert_close(td3_critic_loss(agent, batch), want)
+        want_actor = -agent.critic(x, (x[:, -A:] + agent.actor(x, deterministic=True)[0]).clamp(-1, 1)).mean()
+        torch.testing.assert_close(td3_actor_loss(agent, x), want_actor)
 
 
 def test_bad_config(base_policy):

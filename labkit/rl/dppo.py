@@ -59,6 +59,14 @@ def reduce_log_probs(log_probs: torch.Tensor, act_steps: int | None = None,
     return lp.clamp(*clamp).mean((-1, -2))
 
 
+def step_log_prob(x_next: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, act_steps: int | None,
+                  clamp: tuple[float, float]) -> torch.Tensor:
+    """DPPO's log-probability l_j [B] of one denoising step z_{j+1} ~ N(mean, std^2 I) (x_next, mean [B, H, A],
+    std broadcastable): the per-dim Gaussian log-density, clamped, averaged over the executed actions."""
+    lp = -0.5 * ((x_next - mean) / std) ** 2 - torch.log(torch.as_tensor(std)) - 0.5 * math.log(2 * math.pi)
+    return reduce_log_probs(lp[:, None], act_steps, clamp)[:, 0]
+
+
 def clip_schedule(ft_steps: int, eps: float, eps_base: float, rate: float) -> torch.Tensor:
     """PPO clip range per finetuned step [K']: eps_base at the first (noisiest), growing exponentially
     (rate c) to eps at the last, which makes the chunk. One step: eps."""
@@ -199,12 +207,15 @@ class DPPO(Agent):
 
     `env_wrapper` wraps each training env (e.g. `lambda e: labkit.rewards.LearnedReward(e, model)` to train
     on a learned reward); evaluation always runs the plain task, so it measures the true success.
+    What a lesson hands in: `log_prob_fn`, its own `step_log_prob` (same arguments), which then scores every
+    denoising step, old (at collection) and new (in the PPO ratio); by default the policy's own log-densities.
     """
 
     name, method = "DPPO", "dppo"
 
     def __init__(self, policy: GenerativePolicy, env_id: str, config: DPPOConfig | dict | None = None,
-                 env_kwargs: dict | None = None, env_wrapper: Callable[[gym.Env], gym.Env] | None = None):
+                 env_kwargs: dict | None = None, env_wrapper: Callable[[gym.Env], gym.Env] | None = None,
+                 log_prob_fn: Callable | None = None):
         import labkit.envs  # noqa: F401  (registers the tasks)
 
         if not isinstance(policy, GenerativePolicy):
@@ -236,6 +247,7 @@ class DPPO(Agent):
         self.critic_opt = torch.optim.Adam(self.value.parameters(), lr=c.critic_lr)
         self.clip = clip_schedule(self.ft_steps, c.clip_eps, c.clip_eps_base, c.clip_rate).to(self.device)
         self.den_discount = denoising_discount(self.ft_steps, c.gamma_denoising).to(self.device)
+        self.log_prob_fn = log_prob_fn  # None: GenerativePolicy.log_prob, the same numbers as step_log_prob
 
         # Training envs only: `env_wrapper` (e.g. a learned reward) never touches evaluation, which
         # always measures the true task's success.
@@ -272,12 +284,18 @@ class DPPO(Agent):
         return self.policy.sample(obs, steps=self.steps, stochastic=stochastic, net=net, frozen=self.frozen,
                                   ft_steps=self.ft_steps, min_std=c.min_std, noise_clip=c.noise_clip, per_dim=True)
 
-    def _step_log_probs(self, obs: dict[str, torch.Tensor], latents: torch.Tensor) -> torch.Tensor:
+    def step_log_probs(self, obs: dict[str, torch.Tensor], latents: torch.Tensor) -> torch.Tensor:
         """l_j [B, K']: the live net's clamped, averaged log-densities of a stored chain's K' finetuned steps."""
-        c = self.config
-        lp = self.policy.log_prob(obs, latents, net=self.policy.net(use_ema=False), steps=self.steps,
-                                  min_std=c.min_std, per_dim=True)
-        return reduce_log_probs(lp, self.act_steps, c.logprob_clamp)
+        c, net = self.config, self.policy.net(use_ema=False)
+        if self.log_prob_fn is None:
+            lp = self.policy.log_prob(obs, latents, net=net, steps=self.steps, min_std=c.min_std, per_dim=True)
+            return reduce_log_probs(lp, self.act_steps, c.logprob_clamp)
+        feat, first, out = net["encoder"](obs), self.steps - self.ft_steps, []
+        for j in range(self.ft_steps):  # the lesson's own step log-prob, at each step's Gaussian
+            mean, std = self.policy.step_gaussian(net, feat, latents[:, j], first + j, self.steps, True, c.min_std)
+            std = torch.as_tensor(std, dtype=mean.dtype, device=mean.device)
+            out.append(self.log_prob_fn(latents[:, j + 1], mean, std, self.act_steps, c.logprob_clamp))
+        return torch.stack(out, 1)
 
     def collect(self) -> dict:
         """n_steps chunk decisions in each of the num_envs envs with the stochastic chain; returns the
@@ -305,7 +323,11 @@ class DPPO(Agent):
             rows["obs"].append(obs)
             rows["next_obs"].append(self.policy_obs(after))
             rows["latents"].append(chain.latents)
-            rows["log_probs"].append(reduce_log_probs(chain.log_probs, self.act_steps, c.logprob_clamp))
+            if self.log_prob_fn is None:
+                rows["log_probs"].append(reduce_log_probs(chain.log_probs, self.act_steps, c.logprob_clamp))
+            else:  # the old log-probs from the lesson's function too, so that the first ratio is 1
+                with torch.no_grad():
+                    rows["log_probs"].append(self.step_log_probs(obs, chain.latents))
             rows["reward"].append(torch.as_tensor(reward, dtype=torch.float32, device=self.device) * c.reward_scale)
             rows["discount"].append(chunk_discount(torch.as_tensor(steps), torch.as_tensor(term), c.gamma).to(self.device))
             rows["done"].append(torch.as_tensor(done, device=self.device))
@@ -340,7 +362,7 @@ class DPPO(Agent):
         """Actor (PPO over the K' steps), value and BC losses on the decisions `idx` of a collected batch."""
         c = self.config
         obs = {k: v[idx] for k, v in batch["obs"].items()}
-        new_lp = self._step_log_probs(obs, batch["latents"][idx])
+        new_lp = self.step_log_probs(obs, batch["latents"][idx])
         pg_loss, stats = ppo_loss(new_lp, batch["log_probs"][idx], adv[idx, None] * self.den_discount, self.clip)
         value = self.value(flatten_obs(obs, self.obs_keys)).squeeze(-1)
         value_loss = 0.5 * (value - batch["returns"][idx]).pow(2).mean()
@@ -349,7 +371,7 @@ class DPPO(Agent):
         if c.bc_coef > 0:  # keep the finetuned chain likely to reproduce the base's own chains
             with torch.no_grad():
                 base = self._chain(obs, self.frozen)
-            bc_loss = -self._step_log_probs(obs, base.latents).mean()
+            bc_loss = -self.step_log_probs(obs, base.latents).mean()
             loss = loss + c.bc_coef * bc_loss
         stats.update(pg_loss=pg_loss.item(), value_loss=value_loss.item(), bc_loss=bc_loss.item())
         return loss, stats

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import gymnasium as gym
@@ -215,6 +216,8 @@ class RECAP(Agent):
     before collecting anything) or a pretrained FlowPolicy (warm-started; round 0 collects first),
     optionally with prior data in `dataset`. Episodes are kept in memory as dicts: obs {dataset key:
     [T, ...]}, action [T, A], success, intervention [T], source, round.
+    What a lesson hands in: `binarize_fn`, its own `binarize` (same arguments and return), which then labels
+    every frame the policy trains on.
     """
 
     name, method, takes_demos = "RECAP", "recap", True
@@ -229,7 +232,8 @@ class RECAP(Agent):
         return cls(policy, env_id, config, dataset=demos, env_kwargs=env_kwargs)
 
     def __init__(self, source, env_id: str, config: RECAPConfig | dict | None = None,
-                 dataset: EpisodeDataset | None = None, env_kwargs: dict | None = None):
+                 dataset: EpisodeDataset | None = None, env_kwargs: dict | None = None,
+                 binarize_fn: Callable | None = None):
         import labkit.envs  # noqa: F401  (registers the tasks)
 
         config = RECAPConfig(**config) if isinstance(config, dict) else (config or RECAPConfig())
@@ -248,6 +252,7 @@ class RECAP(Agent):
             self.policy, self.trained = AdvantageFlowPolicy.from_flow_policy(source, **config.policy), True
         else:
             raise ValueError(f"source must be an EpisodeDataset or a FlowPolicy, got {type(source).__name__}")
+        self.binarize_fn = binarize_fn or binarize  # (advantages, positive_fraction, forced) -> (indicator, threshold)
         self.obs_keys = list(self.policy.config.obs_keys)
         self.env = gym.make(env_id, **self.env_kwargs)  # for interventions
         self.expert = labkit.envs.expert(self.env, **config.expert)
@@ -357,7 +362,7 @@ class RECAP(Agent):
         ends = torch.zeros(len(ds), dtype=torch.bool)
         ends[torch.as_tensor(ds.episode_to - 1)] = True
         adv = nstep_advantages(rewards, ends, values, c.nstep)
-        indicator, threshold = binarize(adv.numpy(), c.positive_fraction, ds.frames[INTERVENTION])
+        indicator, threshold = self.binarize_fn(adv.numpy(), c.positive_fraction, ds.frames[INTERVENTION])
         return {"rewards": rewards, "targets": targets, "values": values, "advantages": adv,
                 "indicator": indicator, "threshold": threshold}
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import gymnasium as gym
@@ -204,13 +205,16 @@ class ResidualRL(OffPolicyAgent):
 
     `demos` (an EpisodeDataset with `next.reward`, recorded with the env's reward type, usually the
     base's own training demos) fills the offline half of every batch; without demos set `offline_ratio=0`.
+    What a lesson hands in: `critic_loss_fn(agent, batch)` and `actor_loss_fn(agent, x)`, its own TD3 losses
+    (default `td3_critic_loss`, `td3_actor_loss`), with which every update then trains.
     """
 
     name = "ResFiT"
     method, takes_demos = "residual", True
 
     def __init__(self, policy, env_id: str, config: ResidualConfig | dict | None = None, demos=None,
-                 env_kwargs: dict | None = None):
+                 env_kwargs: dict | None = None, critic_loss_fn: Callable | None = None,
+                 actor_loss_fn: Callable | None = None):
         import labkit.envs  # noqa: F401  (registers the tasks)
 
         config = ResidualConfig(**config) if isinstance(config, dict) else (config or ResidualConfig())
@@ -243,6 +247,8 @@ class ResidualRL(OffPolicyAgent):
             self.demos = ReplayBuffer(len(batch["reward"]), fields)
             self.demos.add(batch)
         self.sampler = MixedSampler(self.demos, self.buffer, c.offline_ratio)
+        self.critic_loss_fn = critic_loss_fn or td3_critic_loss  # (agent, batch) -> scalar loss
+        self.actor_loss_fn = actor_loss_fn or td3_actor_loss  # (agent, x [B, D + A]) -> scalar loss
 
         self.base = BaseRuntime(policy)
         self._pending: deque[dict] = deque()  # the last < n steps, waiting for their n-step return
@@ -304,25 +310,19 @@ class ResidualRL(OffPolicyAgent):
     # ---- learning -------------------------------------------------------------------------------
     def update(self) -> dict:
         """One critic step; after `critic_warmup` updates, every `actor_every`-th also a residual step."""
-        c, A = self.config, self.space.action_dim
+        c = self.config
         b = self.sampler.sample(c.batch_size, self.gen)
-        x, x_next = b["obs"], b["next_obs"]
-        with torch.no_grad():
-            noise = (torch.randn(len(x), A, generator=self.gen) * c.target_noise).clamp(-c.noise_clip, c.noise_clip)
-            a_next = apply_residual(x_next, self.actor_target(x_next, deterministic=True)[0] + noise, A)
-            q_next = min_of_random_subset(self.critic_target(x_next, a_next), c.target_subset, self.gen)[0]
-            y = b["reward"] + b["discount"] * q_next
-        q = self.critic(x, b["action"])
-        critic_loss = (q - y).pow(2).mean(1).sum()
+        critic_loss = self.critic_loss_fn(self, b)
         self.critic_opt.zero_grad()
         critic_loss.backward()
         nn.utils.clip_grad_norm_(self.critic.parameters(), c.grad_clip)
         self.critic_opt.step()
-        out = {"critic_loss": critic_loss.item(), "q": q.mean().item()}
+        out = {"critic_loss": critic_loss.item()}
 
         if self.updates >= c.critic_warmup and self.updates % c.actor_every == 0:
-            delta = self.actor(x, deterministic=True)[0]
-            actor_loss = -self.critic(x, apply_residual(x, delta, A)).mean() + c.actor_l2 * delta.pow(2).sum(-1).mean()
+            with torch.no_grad():
+                delta = self.actor(b["obs"], deterministic=True)[0]  # for the log: the residual before this step
+            actor_loss = self.actor_loss_fn(self, b["obs"])
             self.actor_opt.zero_grad()
             actor_loss.backward()
             nn.utils.clip_grad_norm_(self.actor.parameters(), c.grad_clip)
@@ -343,3 +343,27 @@ class ResidualRL(OffPolicyAgent):
         """The trained parts (the base policy is frozen and saved on its own)."""
         return {"config": dataclasses.asdict(self.config), "actor": self.actor.state_dict(),
                 "critic": self.critic.state_dict()}
+
+
+def td3_critic_loss(agent: ResidualRL, batch: dict) -> torch.Tensor:
+    """TD3's critic loss on a batch of n-step transitions: sum over heads of the mean squared TD error
+    against y = R_n + discount * min over a random pair of Q_target(x', a'), a' the target residual's
+    action with clipped smoothing noise. Draws the noise, then the pair, from `agent.gen`."""
+    c, A = agent.config, agent.space.action_dim
+    x, x_next = batch["obs"], batch["next_obs"]
+    with torch.no_grad():
+        noise = (torch.randn(len(x), A, generator=agent.gen) * c.target_noise).clamp(-c.noise_clip, c.noise_clip)
+        a_next = apply_residual(x_next, agent.actor_target(x_next, deterministic=True)[0] + noise, A)
+        q_next = min_of_random_subset(agent.critic_target(x_next, a_next), c.target_subset, agent.gen)[0]
+        y = batch["reward"] + batch["discount"] * q_next
+    q = agent.critic(x, batch["action"])
+    return (q - y).pow(2).mean(1).sum()
+
+
+def td3_actor_loss(agent: ResidualRL, x: torch.Tensor) -> torch.Tensor:
+    """The residual's deterministic policy gradient loss: -Q (mean over heads and batch) at
+    clip(a_base + delta(x)), plus actor_l2 * |delta|^2."""
+    c = agent.config
+    delta = agent.actor(x, deterministic=True)[0]
+    q = agent.critic(x, apply_residual(x, delta, agent.space.action_dim))
+    return -q.mean() + c.actor_l2 * delta.pow(2).sum(-1).mean()
