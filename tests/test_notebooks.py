@@ -102,8 +102,6 @@ BARS: dict[str, dict[str, tuple]] = {
         "naive_ece": (">=", 0.1),  # 0.23-0.47: the flaw shows even in FAST
         "naive_failures_judged_success": (">", 0.0),  # 0.23-0.62
         "preference_rank_corr": (">=", 0.7),  # 0.85-0.96
-        "progress_rank_corr_within_successes": (">=", 0.3),  # 0.65-0.85
-        # The pixel detector trains 20 steps in FAST (AUROC 0.26-0.69): no bar.
         # DPPO on each reward, two iterations: none wrecks the base (seeds 0-4, run minus base: true
         # -0.3..+0.1, flawed -0.1..+0.1, fixed -0.1..+0.1); the hacking shows below.
         "rl_true_success": (">=", Rel("base_success", -0.4)),
@@ -113,16 +111,22 @@ BARS: dict[str, dict[str, tuple]] = {
         "rl_flawed_believed_success": (">=", 0.5),  # 0.92-1.0
         "rl_flawed_true_train_success": ("<=", 0.3),  # 0.0
     },
+    "06a_reward_models_appendix": {
+        "progress_rank_corr_within_successes": (">=", 0.3),  # 0.65-0.85 (measured in lesson 06, seeds 0-4)
+        # The pixel detector trains 20 steps in FAST (AUROC 0.26-0.69): no bar.
+    },
     "07_world_models": {
         "wm_val_error_first": ("between", (0.02, 0.2)),  # 0.050-0.052 in seeds 0-4
         "wm_val_error_last": ("<=", 0.01),  # 0.003-0.007 after 150 FAST steps: the one-step error falls
         "rank_checkpoints": (">=", 6),  # 7
         "bc_real_success": ("<=", 0.4),  # 0 of 10: MSE-BC drives into the wall
-        # The pixel predictor (seeds 0-3: open-loop MSE 0.013-0.076, position error 6-8 px at t=5).
-        "pixel_open_loop_mse": ("<=", 0.15),
-        "pixel_pos_error_px_t5": ("<=", 16.0),
         # Rankings, the improvement loop and planning: FAST's policies are all at 0% real success, so
         # their correlations and rates carry no level (full mode and the README do): no bar.
+    },
+    "07a_world_models_pixels": {
+        # The pixel predictor (seeds 0-3 in lesson 07: open-loop MSE 0.013-0.076, position error 6-8 px at t=5).
+        "pixel_open_loop_mse": ("<=", 0.15),
+        "pixel_pos_error_px_t5": ("<=", 16.0),
     },
     "08_test_time_scaling": {
         "base_success": ("<=", 0.95),  # the base must leave room (0.30-0.45 in seeds 0-4)

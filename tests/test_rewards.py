@@ -175,6 +175,45 @@ def test_success_classifier_learns_and_round_trips(tmp_path):
         model.predict({"state": np.zeros((2, 5))})
 
 
+def test_fit_reward_trains_with_a_handed_in_training_step():
+    """`fit_reward(training_step=fn)`: what a lesson hands in is what trains; the default is unchanged."""
+    ex = toy_examples(600, 0)
+
+    def run(step, **kw):
+        torch.manual_seed(0)
+        model = fit_reward(RewardModel.from_examples(ex, hidden=32), ex, steps=30, batch_size=64, progress=False,
+                           training_step=step, **kw)
+        assert model.batch_loss_fn is None  # only for the length of one fit
+        return torch.nn.utils.parameters_to_vector(model.parameters()).detach()
+
+    def flipped(model, batch):  # a plausible wrong answer: the labels the wrong way round
+        return torch.nn.functional.binary_cross_entropy_with_logits(model.logits(batch["state"]), 1 - batch["success"])
+
+    default = run(None)
+    assert torch.equal(default, run(lambda m, b: m.batch_loss(b)))  # bit-identical
+    assert not torch.allclose(default, run(flipped))
+    assert not torch.allclose(run(None, positive_fraction=0.5), run(flipped, positive_fraction=0.5))
+    with pytest.raises(TypeError, match="training_step must be a function"):
+        fit_reward(RewardModel.from_examples(ex), ex, steps=1, progress=False, training_step="bce")
+
+
+def test_fit_preference_trains_with_a_handed_in_loss():
+    rng = np.random.default_rng(0)
+    trajs = [Trajectory(rng.normal(size=(5, 2)).astype(np.float32), np.zeros(5, bool), np.full(5, i, np.float32), i, i)
+             for i in range(12)]  # true returns 0, -4, -8, ...
+
+    def run(loss_fn):
+        torch.manual_seed(0)
+        model = fit_preference(PreferenceReward.from_trajectories(trajs, hidden=16), trajs, steps=20, pairs=100,
+                               batch_size=16, progress=False, loss_fn=loss_fn)
+        assert model.loss_fn is bradley_terry_loss  # only for the length of one fit
+        return torch.nn.utils.parameters_to_vector(model.parameters()).detach()
+
+    default = run(None)
+    assert torch.equal(default, run(lambda ra, rb, p: bradley_terry_loss(ra, rb, p)))
+    assert not torch.allclose(default, run(lambda ra, rb, p: bradley_terry_loss(rb, ra, p)))  # the order reversed
+
+
 def test_balanced_batches_and_prior_correction():
     from labkit.rewards.classifier import BalancedBatches
 

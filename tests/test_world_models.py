@@ -36,6 +36,34 @@ def test_gaussian_nll_by_hand():
     assert W.gaussian_nll(mean, logvar, target).item() == pytest.approx((1 + 1 + np.log(4)) / 2, rel=1e-6)
 
 
+def test_fit_trains_with_a_handed_in_training_step(demos):
+    """`StateWorldModel(training_step=fn)`: every fit of the model (and of its copies) trains with what a
+    lesson hands in; the default is unchanged."""
+    import copy
+
+    data = W.transitions_from_episodes(W.episodes_from_dataset(demos)[:20])
+
+    def no_events(wm, batch):  # a plausible wrong answer: the event heads left out of the loss
+        mean, logvar, _ = wm(batch["state"], batch["action"])
+        target = (batch["next_state"] - batch["state"] - wm.mean_d) / wm.std_d
+        has = batch["has_next"].bool()
+        return W.gaussian_nll(mean[has], logvar[has], target[has])
+
+    def run(step):
+        torch.manual_seed(0)
+        wm = W.StateWorldModel(6, 2, ensemble=2, hidden=32, layers=2, training_step=step).fit(data, steps=15)
+        again = copy.deepcopy(wm).fit(data, steps=5, seed=1)  # a refined copy keeps the step
+        return [torch.nn.utils.parameters_to_vector(m.parameters()).detach() for m in (wm, again)]
+
+    default = run(None)
+    same = run(lambda wm, batch: wm.batch_loss(batch))
+    assert all(torch.equal(a, b) for a, b in zip(default, same, strict=True))  # bit-identical
+    wrong = run(no_events)
+    assert not any(torch.allclose(a, b) for a, b in zip(default, wrong, strict=True))
+    with pytest.raises(TypeError, match="training_step must be a function"):
+        W.StateWorldModel(6, 2, training_step="nll")
+
+
 def test_transitions_mark_missing_next_state_and_events():
     eps = [{"state": np.zeros((3, 2)), "action": np.ones((3, 1)), "success": True, "failure": False},
            {"state": np.arange(8.0).reshape(4, 2), "action": np.ones((3, 1)), "success": False, "failure": True}]
@@ -169,6 +197,22 @@ def test_pixel_world_model_learns():
     assert wm.history[-1]["recon"] < 0.5 * wm.history[0]["recon"]
     video = wm.imagine(frames[0, 0], actions[0])
     assert video.shape == (9, 64, 64, 3) and video.dtype == np.uint8
+
+
+def test_pixel_fit_trains_with_a_handed_in_recon_loss():
+    from labkit.world_models.pixel import PixelPredictor, pixel_loss
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 255, (2, 4, 64, 64, 3), dtype=np.uint8)
+    actions = rng.normal(size=(2, 3, 2)).astype(np.float32)
+
+    def run(recon_loss):
+        torch.manual_seed(0)
+        wm = PixelPredictor(channels=4).fit(frames, actions, steps=3, window=2, batch_size=2, recon_loss=recon_loss)
+        return torch.nn.utils.parameters_to_vector(wm.parameters()).detach()
+
+    default = run(None)
+    assert torch.equal(default, run(lambda p, x, bg: pixel_loss(p, x, bg)))
+    assert not torch.allclose(default, run(lambda p, x, bg: (p - x).pow(2).mean()))  # unweighted: the robot ignored
 
 
 def test_world_models_save_and_load(trained, tmp_path):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,6 +71,9 @@ class RewardModel(L.LightningModule):
         # Added to the logits at prediction: undoes the prior shift of balanced training (see fit_reward).
         self.register_buffer("logit_offset", torch.zeros(()))
         self.loss_history: list[float] = []
+        # A hand-written loss of one batch, `fn(model, batch) -> loss`, set by `fit_reward(training_step=fn)`
+        # for the length of one fit: a lesson trains the reward model with the student's code.
+        self.batch_loss_fn = None
 
     @classmethod
     def from_examples(cls, examples: dict[str, np.ndarray], **config) -> RewardModel:
@@ -95,12 +99,16 @@ class RewardModel(L.LightningModule):
         feat = torch.cat([self.encoder(pixels), s[:, list(self.config.target_dims)]], dim=-1)
         return self.head(feat).squeeze(-1)
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def batch_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The loss of one batch {"state" [B, D], "success" [B], "progress" [B] (, "pixels")}: binary
+        cross-entropy on the logits (success head) or squared error of sigmoid(logits) (progress head)."""
         out = self.logits(batch["state"], batch.get("pixels"))
         if self.config.head == "success":
-            loss = F.binary_cross_entropy_with_logits(out, batch["success"])
-        else:
-            loss = F.mse_loss(torch.sigmoid(out), batch["progress"])
+            return F.binary_cross_entropy_with_logits(out, batch["success"])
+        return F.mse_loss(torch.sigmoid(out), batch["progress"])
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self.batch_loss_fn(self, batch) if self.batch_loss_fn is not None else self.batch_loss(batch)
         self.loss_history.append(loss.item())
         log_loss(self, loss)
         return loss
@@ -184,13 +192,26 @@ class BalancedBatches(RandomBatches):
 
 def fit_reward(model: RewardModel, examples: dict[str, np.ndarray], steps: int = 1000, batch_size: int = 256,
                seed: int = 0, progress: bool = True, positive_fraction: float | None = None,
-               **trainer_kwargs) -> RewardModel:
+               training_step: Callable | None = None, **trainer_kwargs) -> RewardModel:
     """Train a reward model on an example set (labkit.rewards.augment) and return it in eval mode.
 
     `positive_fraction` (success head only): draw that fraction of every batch from the successes. The
     classifier then learns the odds of the balanced batches; its output is shifted back to the example
     set's own prior (logit - log(q / (1 - q)) + log(pi / (1 - pi)), exact under label shift), so that its
-    probabilities stay comparable."""
+    probabilities stay comparable.
+    `training_step(model, batch) -> loss` (what a lesson hands in) replaces `RewardModel.batch_loss` for
+    this fit; Lightning still does the backward pass and the optimiser step."""
+    if training_step is not None and not callable(training_step):
+        raise TypeError(f"training_step must be a function (model, batch) -> loss, got {type(training_step).__name__}")
+    model.batch_loss_fn = training_step
+    try:
+        return _fit_reward(model, examples, steps, batch_size, seed, progress, positive_fraction, **trainer_kwargs)
+    finally:
+        model.batch_loss_fn = None
+
+
+def _fit_reward(model: RewardModel, examples: dict[str, np.ndarray], steps: int, batch_size: int, seed: int,
+                progress: bool, positive_fraction: float | None, **trainer_kwargs) -> RewardModel:
     keys = ["state", "success", "progress"] + (["pixels"] if model.encoder is not None else [])
     missing = [k for k in keys if k not in examples]
     if missing:

@@ -12,7 +12,7 @@ comparing two videos. Only differences of R are learned: the reward is defined u
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import lightning as L
 import numpy as np
@@ -55,6 +55,7 @@ class PreferenceReward(L.LightningModule):
         self.normalizer = Normalizer({STATE: (state_dim,)}, {STATE: "mean_std"})
         self.net = mlp(state_dim, 1, hidden, layers)
         self.loss_history: list[float] = []
+        self.loss_fn = bradley_terry_loss  # (return_a, return_b, prefer_a) -> loss; fit_preference(loss_fn=) swaps it
 
     @classmethod
     def from_trajectories(cls, trajs: Sequence[Trajectory], **kwargs) -> PreferenceReward:
@@ -79,7 +80,7 @@ class PreferenceReward(L.LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         ra = self.trajectory_return(batch["states_a"], batch["mask_a"])
         rb = self.trajectory_return(batch["states_b"], batch["mask_b"])
-        loss = bradley_terry_loss(ra, rb, batch["prefer_a"])
+        loss = self.loss_fn(ra, rb, batch["prefer_a"])
         self.loss_history.append(loss.item())
         log_loss(self, loss)
         return loss
@@ -113,7 +114,16 @@ def preference_pairs(trajs: Sequence[Trajectory], pairs: int, seed: int = 0, tie
 
 
 def fit_preference(model: PreferenceReward, trajs: Sequence[Trajectory], steps: int = 500, pairs: int = 4000,
-                   batch_size: int = 64, seed: int = 0, progress: bool = True, **trainer_kwargs) -> PreferenceReward:
-    """Train on `pairs` labelled pairs of `trajs` (drawn once), `steps` minibatches of `batch_size` pairs."""
-    return fit_module(model, preference_pairs(trajs, pairs, seed), steps, batch_size, seed, progress,
-                      **trainer_kwargs)
+                   batch_size: int = 64, seed: int = 0, progress: bool = True, loss_fn: Callable | None = None,
+                   **trainer_kwargs) -> PreferenceReward:
+    """Train on `pairs` labelled pairs of `trajs` (drawn once), `steps` minibatches of `batch_size` pairs.
+    `loss_fn(return_a, return_b, prefer_a) -> loss` (what a lesson hands in) replaces `bradley_terry_loss`
+    for this fit."""
+    if loss_fn is not None and not callable(loss_fn):
+        raise TypeError(f"loss_fn must be a function (return_a, return_b, prefer_a) -> loss, got {type(loss_fn).__name__}")
+    model.loss_fn = loss_fn or bradley_terry_loss
+    try:
+        return fit_module(model, preference_pairs(trajs, pairs, seed), steps, batch_size, seed, progress,
+                          **trainer_kwargs)
+    finally:
+        model.loss_fn = bradley_terry_loss

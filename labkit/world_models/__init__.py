@@ -34,7 +34,13 @@ from labkit.world_models.improve import (
     weights,
 )
 from labkit.world_models.io import SavedWorldModel
-from labkit.world_models.pixel import PixelPredictor, PixelWorldModel, render_episodes, robot_position
+from labkit.world_models.pixel import (
+    PixelPredictor,
+    PixelWorldModel,
+    pixel_loss,
+    render_episodes,
+    robot_position,
+)
 from labkit.world_models.planning import BestOfNPlanner, CEMPlanner, ValueFunction, score_chunks
 
 
@@ -59,5 +65,5 @@ if ID not in gym.registry:  # no max_episode_steps: ImaginedEnv truncates at its
 
 __all__ = ["SavedWorldModel", "load_world_model", "EVENTS", "StateWorldModel", "WorldModelConfig", "gaussian_nll", "transitions_from_episodes",
            "ImaginedEnv", "imagine", "start_states", "LoopConfig", "collect_episodes", "dataset_from_episodes",
-           "episodes_from_dataset", "improvement_loop", "resample", "weights", "PixelWorldModel", "PixelPredictor", "render_episodes",
+           "episodes_from_dataset", "improvement_loop", "resample", "weights", "PixelWorldModel", "PixelPredictor", "pixel_loss", "render_episodes",
            "robot_position", "BestOfNPlanner", "CEMPlanner", "ValueFunction", "score_chunks"]

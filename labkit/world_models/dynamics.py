@@ -16,6 +16,7 @@ predicts one; adding real rollouts with failures teaches it the wall.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -96,8 +97,14 @@ def transitions_from_episodes(episodes: list[dict]) -> dict[str, np.ndarray]:
 class StateWorldModel(SavedWorldModel, nn.Module):
     """p(s_{t+1}, events | s_t, a_t) as an ensemble; inputs and outputs in physical units."""
 
-    def __init__(self, state_dim: int, action_dim: int, config: WorldModelConfig | None = None, **kwargs):
+    def __init__(self, state_dim: int, action_dim: int, config: WorldModelConfig | None = None,
+                 training_step: Callable | None = None, **kwargs):
         super().__init__()
+        if training_step is not None and not callable(training_step):
+            raise TypeError(f"training_step must be a function (wm, batch) -> loss, got {type(training_step).__name__}")
+        # What a lesson hands in: `training_step(wm, batch) -> loss` replaces `loss` in every `fit` of this
+        # model (and of its copies); it is not saved, a loaded model trains with `loss`.
+        self.training_step = training_step
         self.config = config or WorldModelConfig(**kwargs)
         c, self.state_dim, self.action_dim = self.config, state_dim, action_dim
         dims = [state_dim + action_dim] + [c.hidden] * c.layers
@@ -191,6 +198,10 @@ class StateWorldModel(SavedWorldModel, nn.Module):
         bound = 0.01 * (self.max_logvar.sum() - self.min_logvar.sum())
         return nll + self.config.event_weight * bce + bound, {"nll": nll.item(), "event_bce": bce.item()}
 
+    def batch_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The loss `fit` minimises on one batch [E, B, .], as a scalar tensor (`loss` without its parts)."""
+        return self.loss(batch)[0]
+
     def fit(self, data: dict[str, np.ndarray], steps: int = 2000, seed: int = 0, val: dict | None = None,
             log_every: int = 50, reset_optimizer: bool = False) -> StateWorldModel:
         """Train for `steps` on transitions (`transitions_from_episodes`). The first call also sets the
@@ -215,8 +226,14 @@ class StateWorldModel(SavedWorldModel, nn.Module):
                     row["val_error"] = self.one_step_error(val)
                 self.history.append(row)
 
-        # each member its own minibatch: indices [E, B]
-        minibatch_fit(self, lambda idx: self.loss({k: v[idx] for k, v in t.items()}), len(t["state"]), steps,
+        def loss(idx):  # each member its own minibatch: indices [E, B]
+            batch = {k: v[idx] for k, v in t.items()}
+            if self.training_step is None:
+                return self.loss(batch)
+            out = self.training_step(self, batch)
+            return out, {}
+
+        minibatch_fit(self, loss, len(t["state"]), steps,
                       (self.config.ensemble, self.config.batch_size), seed=seed, optimizer=self._opt,
                       after_step=log)
         return self

@@ -12,6 +12,7 @@ where w up-weights pixels that differ from the static background: the robot is a
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import gymnasium as gym
 import numpy as np
@@ -47,6 +48,18 @@ def render_episodes(env_id: str, episodes: int, seed: int = 0, image_size: int =
                 break
     env.close()
     return frames, actions
+
+
+def background_weight(frames: torch.Tensor, background: torch.Tensor) -> torch.Tensor:
+    """Per-pixel loss weight of frames [..., 3, H, W] in [0, 1]: 1 + 50 * (largest channel difference from
+    the background [3, H, W]), shape [..., 1, H, W]: the few pixels of the robot count 50x more."""
+    return 1.0 + 50.0 * (frames - background).abs().amax(-3, keepdim=True)
+
+
+def pixel_loss(pred: torch.Tensor, target: torch.Tensor, background: torch.Tensor) -> torch.Tensor:
+    """The reconstruction loss: mean over every element of background_weight(target) * (pred - target)^2,
+    for predicted and real frames [..., 3, H, W] in [0, 1] and the background [3, H, W]."""
+    return (background_weight(target, background) * (pred - target).pow(2)).mean()
 
 
 class PixelWorldModel(SavedWorldModel, nn.Module):
@@ -96,11 +109,17 @@ class PixelWorldModel(SavedWorldModel, nn.Module):
 
     def weight(self, x: torch.Tensor) -> torch.Tensor:
         """Per-pixel loss weight: 1 + 50 * (difference from the background), so the robot counts."""
-        return 1.0 + 50.0 * (x - self.background).abs().amax(-3, keepdim=True)
+        return background_weight(x, self.background)
 
     def fit(self, frames: np.ndarray, actions: np.ndarray, steps: int = 600, window: int = 3,
-            batch_size: int = 16, lr: float = 1e-3, seed: int = 0, log_every: int = 100) -> PixelWorldModel:
-        """Train on episodes of frames [N, T+1, 64, 64, 3] and actions [N, T, A], windows of `window` steps."""
+            batch_size: int = 16, lr: float = 1e-3, seed: int = 0, log_every: int = 100,
+            recon_loss: Callable | None = None) -> PixelWorldModel:
+        """Train on episodes of frames [N, T+1, 64, 64, 3] and actions [N, T, A], windows of `window` steps.
+        `recon_loss(pred, target, background) -> loss` (what a lesson hands in) replaces `pixel_loss`."""
+        if recon_loss is not None and not callable(recon_loss):
+            raise TypeError(f"recon_loss must be a function (pred, target, background) -> loss, got "
+                            f"{type(recon_loss).__name__}")
+        recon_loss = recon_loss or pixel_loss
         if frames.shape[:2] != (actions.shape[0], actions.shape[1] + 1):
             raise ValueError(f"frames {frames.shape[:2]} must be (N, T+1) for actions {actions.shape[:2]}")
         if not 1 <= window <= actions.shape[1]:
@@ -127,7 +146,7 @@ class PixelWorldModel(SavedWorldModel, nn.Module):
                 zs.append(z)
             zs = torch.stack(zs, 1)
             pred = self.decode(zs.flatten(0, 1)).view_as(x)
-            recon = (self.weight(x) * (pred - x).pow(2)).mean()
+            recon = recon_loss(pred, x, self.background)
             latent = (zs[:, 1:] - target_z[:, 1:].detach()).pow(2).mean()
             return recon + latent, (recon, latent)
 
