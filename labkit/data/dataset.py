@@ -191,15 +191,45 @@ class EpisodeDataset:
 
 # ---- statistics -----------------------------------------------------------------------------------
 def compute_stats(frames: dict[str, np.ndarray], features: dict[str, dict], images: bool = True) -> dict[str, dict]:
-    """stats.json entries computed from in-memory frames (used by `select` and when stats.json is absent)."""
+    """stats.json entries computed from in-memory frames (used by `select` and when stats.json is absent),
+    merged episode by episode (runs of `episode_index`) as the recorder merges them, so quantiles mean the
+    same everywhere: the frame-weighted mean of per-episode quantiles, as LeRobot aggregates them."""
+    ids = frames.get("episode_index")
+    bounds = np.flatnonzero(np.diff(ids)) + 1 if ids is not None else None  # where each episode starts
     stats = {}
     for key, values in frames.items():
         spec = features.get(key, {"shape": list(values.shape[1:]) or [1]})
         image = fmt.is_image(spec)
         if (image and not images) or values.dtype.kind not in "biuf" or not len(values):
             continue
-        stats[key] = fmt.finish_stats(fmt.episode_stats(values, image=image), spec["shape"], image=image)
+        partial = None
+        for part in np.split(values, bounds) if bounds is not None and len(values) == len(ids) else [values]:
+            partial = fmt.merge_stats(partial, fmt.episode_stats(part, image=image))
+        stats[key] = fmt.finish_stats(partial, spec["shape"], image=image)
     return stats
+
+
+# lerobot/pusht as LeRobot records gym-pusht (its meta/info.json): a 96 x 96 camera stored as video under
+# `observation.image`, the agent's 2-D position as the state, the 2-D target position as the action, 10 fps.
+# Such a dataset records no labkit interface; it is gym-pusht's pixels + agent_pos observation.
+GYM_PUSHT = {"observation.image": ("video", [96, 96, 3]), "observation.state": (None, [2]), "action": (None, [2])}
+GYM_PUSHT_INTERFACE = {"env_id": "labkit/GymPushT-v0", "env_kwargs": {"obs_mode": "pixels"}}
+
+
+def infer_interface(info: dict[str, Any]) -> dict | None:
+    """The env interface of a dataset: the one info.json records (`fmt.interface_of`), else, for a dataset
+    laid out as LeRobot records the canonical gym-pusht (`lerobot/pusht`), labkit's adapter of that env;
+    None when neither (the caller must be told the interface)."""
+    interface = fmt.interface_of(info)
+    if interface is not None:
+        return copy.deepcopy(interface)
+    features = info.get("features") or {}
+    observations = {k for k in features if k.startswith("observation.")}
+    if info.get("fps") == 10 and observations == {"observation.image", "observation.state"} and all(
+            k in features and list(features[k].get("shape", ())) == shape and dtype in (None, features[k].get("dtype"))
+            for k, (dtype, shape) in GYM_PUSHT.items()):
+        return copy.deepcopy(GYM_PUSHT_INTERFACE)
+    return None
 
 
 # ---- loading --------------------------------------------------------------------------------------
@@ -223,6 +253,8 @@ def load_dataset(root: str | Path, env_id: str | None = None) -> EpisodeDataset:
         raise DatasetError(f"{info_path}: codebase_version {version} is not supported; labkit reads "
                            "LeRobotDataset v3 (convert older datasets with LeRobot's v2.1 -> v3.0 script)")
     fmt.check_info(info, info_path)
+    if info.get("labkit") is None and fmt.interface_of(info) is not None:
+        info["labkit"] = copy.deepcopy(fmt.interface_of(info))  # restored from the action feature's copy
     features: dict[str, dict] = info["features"]
     video_keys = [k for k, f in features.items() if f.get("dtype") == "video"]
     episodes, episodes_where = _read_episodes(root, video_keys)
@@ -266,6 +298,9 @@ def load_dataset(root: str | Path, env_id: str | None = None) -> EpisodeDataset:
     stats = _check_stats(fmt.read_json(stats_path), stats_path) if fmt.is_file(stats_path) else compute_stats(frames, features)
     tasks = _read_tasks(root)
     to = np.cumsum(lengths)
+    if "success" not in episodes and "next.success" in frames and len(lengths) and lengths.min() > 0:
+        # LeRobot's split/delete/merge tools drop labkit's success column; the frames still say it
+        episodes["success"] = np.logical_or.reduceat(frames["next.success"].astype(bool), to - lengths)
     ds = EpisodeDataset(frames, to - lengths, to, info, stats, episodes, tasks, root)
     if env_id is not None:
         extra = info.get("labkit") or {}
@@ -331,7 +366,7 @@ def _check_stats(stats: Any, path: Path) -> dict[str, dict]:
     if not isinstance(stats, dict) or not all(isinstance(v, dict) for v in stats.values()):
         raise DatasetError(f"{path}: expected a JSON object of feature name -> {{min, max, mean, std, count}}")
     for key, entry in stats.items():
-        for name in ("min", "max", "mean", "std"):
+        for name in ("min", "max", "mean", "std", *fmt.QUANTILES):
             if name not in entry:
                 continue
             try:

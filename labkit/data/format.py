@@ -3,9 +3,9 @@
 Everything that knows file names lives here, so the recorder and the loader agree by construction:
 
     meta/info.json                                   schema, fps, totals, path templates (+ "labkit" extra)
-    meta/stats.json                                  min/max/mean/std/count per feature
+    meta/stats.json                                  min/max/mean/std/count/q01..q99 per feature
     meta/tasks.parquet                               task string -> task_index
-    meta/episodes/chunk-000/file-000.parquet         one row per episode: lengths, offsets, video spans
+    meta/episodes/chunk-000/file-000.parquet         one row per episode: lengths, offsets, video spans, stats/*
     data/chunk-{c:03d}/file-{f:03d}.parquet          one row per frame
     videos/{video_key}/chunk-{c:03d}/file-{f:03d}.mp4  camera streams, episodes concatenated
 """
@@ -50,6 +50,32 @@ NEXT_FEATURES: dict[str, dict[str, Any]] = {
     "next.done": {"dtype": "bool", "shape": [1], "names": None},
     "next.success": {"dtype": "bool", "shape": [1], "names": None},
 }
+
+
+# The env interface a dataset was recorded with ({"env_id", "env_kwargs"}: PushT's frame="block" or
+# actions="relative" change what the numbers mean) is stored twice in info.json: as the top-level "labkit"
+# field, and as a copy inside the "action" feature. LeRobot's split/delete/merge tools rebuild info.json
+# from scratch, dropping unknown top-level fields, but copy `features` verbatim (0.4.4:
+# lerobot/datasets/dataset_tools.py, LeRobotDatasetMetadata.create(features=dataset.meta.features);
+# aggregate.py keeps the first dataset's features and refuses datasets whose features differ), so the
+# copy survives them, and merging datasets recorded with different interfaces fails there.
+INTERFACE_FIELD = "labkit"
+
+
+def with_interface(features: dict[str, dict], interface: dict | None) -> dict[str, dict]:
+    """`features` with the env interface copied into the action feature (see INTERFACE_FIELD)."""
+    if interface is None or "action" not in features:
+        return features
+    return {**features, "action": {**features["action"], INTERFACE_FIELD: interface}}
+
+
+def interface_of(info: dict[str, Any]) -> dict | None:
+    """The env interface info.json records: its "labkit" field, else the copy in the action feature
+    (all that is left after LeRobot's tools), else None (a dataset recorded elsewhere, or stripped)."""
+    if info.get(INTERFACE_FIELD) is not None:
+        return info[INTERFACE_FIELD]
+    action = (info.get("features") or {}).get("action")
+    return action.get(INTERFACE_FIELD) if isinstance(action, dict) else None
 
 
 class DatasetError(ValueError):
@@ -123,11 +149,12 @@ def check_info(info: Any, path: Path) -> dict[str, Any]:
     for field in _TEMPLATE_FIELDS:
         if info.get(field) is not None:
             check_template(info[field], field, path)
-    extra = info.get("labkit")
-    if extra is not None and not (isinstance(extra, dict) and isinstance(extra.get("env_kwargs", {}), dict)
-                                  and isinstance(extra.get("env_id"), (str, type(None)))):
-        raise DatasetError(f"{path}: field 'labkit' must be an object {{env_id: str, env_kwargs: {{...}}}}, "
-                           f"got {_short(extra)}")
+    for field, extra in (("'labkit'", info.get("labkit")), ("features['action'].labkit",
+                                                          features.get("action", {}).get(INTERFACE_FIELD))):
+        if extra is not None and not (isinstance(extra, dict) and isinstance(extra.get("env_kwargs", {}), dict)
+                                      and isinstance(extra.get("env_id"), (str, type(None)))):
+            raise DatasetError(f"{path}: field {field} must be an object {{env_id: str, env_kwargs: {{...}}}}, "
+                               f"got {_short(extra)}")
     return info
 
 
@@ -251,27 +278,58 @@ def from_arrow(column: pa.ChunkedArray | pa.Array, shape: Iterable[int] | None =
 
 
 # ---- statistics: merged episode by episode, so recording never re-reads what it wrote ------------
+# The quantiles LeRobot writes (lerobot/datasets/compute_stats.py, DEFAULT_QUANTILES, keys "q01".."q99"):
+# its QUANTILES normalisation (pi0.5's default) refuses a dataset whose stats lack q01 and q99.
+QUANTILES = {"q01": 0.01, "q10": 0.10, "q50": 0.50, "q90": 0.90, "q99": 0.99}
+STAT_NAMES = ("min", "max", "mean", "std", "count", *QUANTILES)  # one stats.json entry, in LeRobot's order
+
+
+def _quantiles(x: np.ndarray, image: bool) -> dict[str, np.ndarray]:
+    """Per-column quantiles of x [n, d]. Images are uint8, so one 256-bin count per channel gives the
+    same values as np.quantile over every pixel (linear interpolation), without sorting millions of them."""
+    if not image:
+        q = np.quantile(x, list(QUANTILES.values()), axis=0)
+        return {name: q[i] for i, name in enumerate(QUANTILES)}
+    out = {name: np.empty(x.shape[1]) for name in QUANTILES}
+    for c in range(x.shape[1]):
+        cdf = np.cumsum(np.bincount(x[:, c], minlength=256))
+        for name, q in QUANTILES.items():
+            pos = q * (len(x) - 1)  # np.quantile's "linear" method: between sorted values floor(pos) and ceil(pos)
+            lo, hi = np.searchsorted(cdf, [math.floor(pos), math.ceil(pos)], side="right")
+            out[name][c] = (lo + (pos - math.floor(pos)) * (hi - lo)) / 255.0
+    return out
+
+
 def episode_stats(values: np.ndarray, image: bool = False) -> dict[str, np.ndarray]:
-    """min/max/mean/M2/count of one episode's feature; images are per channel, scaled to [0, 1]."""
+    """min/max/mean/M2/count and quantiles of one episode's feature; images are per channel, scaled to [0, 1]."""
     if image:  # [L, H, W, C] uint8 -> per channel over all pixels of all frames
-        x = values.reshape(-1, values.shape[-1]).astype(np.float64) / 255.0
+        pixels = values.reshape(-1, values.shape[-1])
+        x = pixels.astype(np.float64) / 255.0
     else:
         x = values.reshape(len(values), -1).astype(np.float64)
     mean = x.mean(axis=0)
     # n counts the values averaged (pixels for images); count is the number of frames, as LeRobot.
     return {"min": x.min(axis=0), "max": x.max(axis=0), "mean": mean,
-            "m2": ((x - mean) ** 2).sum(axis=0), "n": np.float64(len(x)), "count": np.int64(len(values))}
+            "m2": ((x - mean) ** 2).sum(axis=0), "n": np.float64(len(x)), "count": np.int64(len(values)),
+            **_quantiles(pixels if image else x, image)}
 
 
 def merge_stats(a: dict[str, np.ndarray] | None, b: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Combine two partial statistics exactly (Chan et al.'s parallel mean/variance update)."""
+    """Combine two partial statistics: min/max/mean/variance exactly (Chan et al.'s parallel update);
+    quantiles, which cannot be merged exactly, as their frame-count-weighted mean, the way LeRobot's
+    aggregate_stats combines episodes (so its split/merge tools recompute the same numbers)."""
     if a is None:
         return b
     n = a["n"] + b["n"]
     delta = b["mean"] - a["mean"]
-    return {"min": np.minimum(a["min"], b["min"]), "max": np.maximum(a["max"], b["max"]),
-            "mean": a["mean"] + delta * b["n"] / n, "m2": a["m2"] + b["m2"] + delta**2 * a["n"] * b["n"] / n,
-            "n": n, "count": a["count"] + b["count"]}
+    count = a["count"] + b["count"]
+    out = {"min": np.minimum(a["min"], b["min"]), "max": np.maximum(a["max"], b["max"]),
+           "mean": a["mean"] + delta * b["n"] / n, "m2": a["m2"] + b["m2"] + delta**2 * a["n"] * b["n"] / n,
+           "n": n, "count": count}
+    for name in QUANTILES:
+        if name in a and name in b:
+            out[name] = (a[name] * a["count"] + b[name] * b["count"]) / count
+    return out
 
 
 def finish_stats(s: dict[str, np.ndarray], shape: list[int], image: bool = False) -> dict[str, list]:
@@ -280,7 +338,15 @@ def finish_stats(s: dict[str, np.ndarray], shape: list[int], image: bool = False
     entry = {k: np.asarray(s[k]).reshape(out_shape).tolist() for k in ("min", "max", "mean")}
     entry["std"] = np.sqrt(np.maximum(s["m2"] / s["n"], 0.0)).reshape(out_shape).tolist()
     entry["count"] = [int(s["count"])]
+    entry.update({k: np.asarray(s[k]).reshape(out_shape).tolist() for k in QUANTILES if k in s})
     return entry
+
+
+def stats_columns(entries: dict[str, dict[str, list]]) -> dict[str, list]:
+    """One episode's stats.json-style entries as the episodes table's `stats/<feature>/<stat>` cells,
+    the flattened form LeRobot writes (lerobot_dataset.py: flatten_dict({"stats": episode_stats}))
+    and reads back in its split/delete/merge tools to recompute stats.json."""
+    return {f"stats/{key}/{name}": value for key, entry in entries.items() for name, value in entry.items()}
 
 
 # ---- video: one MP4 per episode while recording, concatenated by stream copy at the end --------

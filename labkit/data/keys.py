@@ -2,6 +2,7 @@
 
     state   <-> observation.state          proprio <-> observation.proprio
     pixels  <-> observation.images.top     wrist (an HxWx3 uint8 image) <-> observation.images.wrist
+    pixels  <-  observation.image          (LeRobot's single-camera name, as in lerobot/pusht: read only)
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from typing import Any
 import numpy as np
 
 MAIN_CAMERA = "top"  # the camera an env's `pixels` observation is stored as
+SINGLE_CAMERA = "observation.image"  # LeRobot's name for a dataset's only camera (lerobot/pusht, lerobot/xarm_*)
 
 
 def is_image(value: Any) -> bool:
@@ -20,8 +22,9 @@ def is_image(value: Any) -> bool:
 
 
 def is_image_feature(feature: str) -> bool:
-    """Whether a dataset feature name is a camera stream (`observation.images.<camera>`)."""
-    return feature.startswith("observation.images.")
+    """Whether a dataset feature name is a camera stream (`observation.images.<camera>`, or LeRobot's
+    single `observation.image`)."""
+    return feature.startswith("observation.images.") or feature == SINGLE_CAMERA
 
 
 def feature_key(obs_key: str, value: Any = None, camera: str = MAIN_CAMERA) -> str:
@@ -38,7 +41,7 @@ def feature_key(obs_key: str, value: Any = None, camera: str = MAIN_CAMERA) -> s
 def env_key(feature: str, camera: str = MAIN_CAMERA) -> str:
     """The env observation a dataset feature comes from (the inverse of `feature_key`); a name that is
     not a feature (already an env key, or a label such as `advantage.indicator`) is returned unchanged."""
-    if feature == f"observation.images.{camera}":
+    if feature in (f"observation.images.{camera}", SINGLE_CAMERA):  # a lone camera is the env's `pixels`
         return "pixels"
     for prefix in ("observation.images.", "observation."):
         if feature.startswith(prefix):

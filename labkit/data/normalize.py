@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from labkit.data.keys import is_image_feature
+
 MODES = ("min_max", "mean_std", "identity")
 EPS = 1e-6  # floor on a feature's half-range / std, so constant features give 0, never inf or NaN
 # A feature whose spread (std, or half-range for min_max) is at most CONSTANT_REL of its own magnitude
@@ -32,7 +34,7 @@ def default_mode(key: str, stats: Mapping[str, Any] | None = None) -> str | None
     """min_max for actions, mean_std for low-dim observations; images and bookkeeping are left out."""
     if key == "action":
         return "min_max"
-    if key.startswith("observation.") and not key.startswith("observation.images."):
+    if key.startswith("observation.") and not is_image_feature(key):
         return "mean_std"
     return None
 

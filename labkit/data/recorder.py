@@ -147,11 +147,14 @@ class Recorder:
         row.update({"data/chunk_index": chunk, "data/file_index": file,
                     "meta/episodes/chunk_index": 0, "meta/episodes/file_index": 0,
                     "success": success, "seed": seed})
-        # 3. statistics, tasks and info; 4. the episodes table last: the commit point.
-        for key, values in cols.items():
-            self._stats[key] = fmt.merge_stats(self._stats.get(key), fmt.episode_stats(values))
-        for key, frames in videos.items():  # image stats come from the frames before encoding
-            self._stats[key] = fmt.merge_stats(self._stats.get(key), fmt.episode_stats(frames, image=True))
+        # 3. statistics (the episode's own go into its row, as LeRobot's stats/* columns), tasks and info;
+        # 4. the episodes table last: the commit point.
+        partials = {key: fmt.episode_stats(values) for key, values in cols.items()}
+        # image stats come from the frames before encoding
+        partials.update({key: fmt.episode_stats(frames, image=True) for key, frames in videos.items()})
+        for key, partial in partials.items():
+            self._stats[key] = fmt.merge_stats(self._stats.get(key), partial)
+        row.update(fmt.stats_columns({key: self._finish(key, partial) for key, partial in partials.items()}))
         self._episodes.append(row)
         self.total_frames += length
         self._frames = []
@@ -229,14 +232,14 @@ class Recorder:
                 r[f"videos/{key}/to_timestamp"] = t
         return obsolete
 
+    def _finish(self, key: str, partial: dict[str, np.ndarray]) -> dict[str, list]:
+        spec = self.features.get(key) or fmt.INDEX_FEATURES.get(key) or fmt.NEXT_FEATURES[key]
+        return fmt.finish_stats(partial, spec["shape"], image=fmt.is_image(spec))
+
     def _write_meta(self) -> None:
         tasks = list(self._tasks)
         _write_tasks(self.root / fmt.TASKS_PATH, tasks)
-        stats = {}
-        for key, partial in self._stats.items():
-            spec = self.features.get(key) or fmt.INDEX_FEATURES.get(key) or fmt.NEXT_FEATURES[key]
-            stats[key] = fmt.finish_stats(partial, spec["shape"], image=fmt.is_image(spec))
-        fmt.write_json(self.root / fmt.STATS_PATH, stats)
+        fmt.write_json(self.root / fmt.STATS_PATH, {key: self._finish(key, p) for key, p in self._stats.items()})
         n = len(self._episodes)
         info = {
             "codebase_version": fmt.CODEBASE_VERSION, "robot_type": self.robot_type,
@@ -244,7 +247,7 @@ class Recorder:
             "chunks_size": fmt.CHUNKS_SIZE, "data_files_size_in_mb": fmt.DATA_FILES_SIZE_IN_MB,
             "video_files_size_in_mb": fmt.VIDEO_FILES_SIZE_IN_MB, "fps": self.fps, "splits": {"train": f"0:{n}"},
             "data_path": fmt.DATA_PATH, "video_path": fmt.VIDEO_PATH if self._video_keys() else None,
-            "features": {**self.features, **fmt.INDEX_FEATURES, **fmt.NEXT_FEATURES},
+            "features": fmt.with_interface({**self.features, **fmt.INDEX_FEATURES, **fmt.NEXT_FEATURES}, self.labkit),
             "labkit": self.labkit,
         }
         fmt.write_json(self.root / fmt.INFO_PATH, info)
@@ -345,3 +348,51 @@ def record(env: str | gym.Env, policy: Any, root: str | Path, episodes: int, see
         if own_env:
             env.close()
     return rec.root
+
+
+# ---- refresh_meta(): bring an existing dataset's meta up to today's format, data untouched -------------
+def refresh_meta(root: str | Path) -> Path:
+    """Rewrite the meta of the dataset at `root` in today's format without touching its data or videos
+    (they stay byte-identical): quantiles (q01..q99) in stats.json, LeRobot's per-episode stats/* columns in
+    the episodes table, the env interface copied into the action feature. Per-episode and image statistics
+    are computed from the stored frames (videos decoded); the dataset's existing min/max/mean/std/count
+    entries are kept as they are, so anything normalised with them is unchanged.
+
+        python -c "import sys; from labkit.data.recorder import refresh_meta; [refresh_meta(p) for p in sys.argv[1:]]" datasets/*/
+    """
+    from labkit.data.dataset import load_dataset  # dataset.py imports this module
+
+    ds = load_dataset(root)
+    root = Path(root)
+    features = ds.info["features"]
+    keys = [k for k, v in ds.frames.items() if k in features and v.dtype.kind in "biuf"]
+    merged: dict[str, dict] = {}
+    rows: list[dict[str, list]] = []
+    for e in range(ds.num_episodes):
+        a, b = ds.episode_from[e], ds.episode_to[e]
+        entries = {}
+        for key in keys:
+            image = fmt.is_image(features[key])
+            partial = fmt.episode_stats(ds.frames[key][a:b], image=image)
+            merged[key] = fmt.merge_stats(merged.get(key), partial)
+            entries[key] = fmt.finish_stats(partial, features[key]["shape"], image=image)
+        rows.append(fmt.stats_columns(entries))
+    stats = {}
+    for key, partial in merged.items():
+        fresh = fmt.finish_stats(partial, features[key]["shape"], image=fmt.is_image(features[key]))
+        stats[key] = {**fresh, **{k: v for k, v in ds.stats.get(key, {}).items() if k in ("min", "max", "mean", "std", "count")}}
+    # The episodes table: its rows as they are (by episode_index), the stats/* columns (re)written.
+    paths = sorted((root / "meta" / "episodes").glob("chunk-*/file-*.parquet"))
+    by_episode = dict(zip(ds.episodes["episode_index"].tolist(), rows, strict=True))
+    for path in paths:
+        table = fmt.read_parquet(path, "episodes table")
+        table = table.select([c for c in table.column_names if not c.startswith("stats/")])
+        mine = [by_episode[e] for e in table.column("episode_index").to_pylist()]
+        for name in mine[0] if mine else ():
+            table = table.append_column(name, pa.array([r[name] for r in mine]))
+        fmt.write_parquet(path, table)
+    fmt.write_json(root / fmt.STATS_PATH, stats)
+    info = fmt.read_json(root / fmt.INFO_PATH)  # as stored (the loader may have filled fields in)
+    info["features"] = fmt.with_interface(info["features"], fmt.interface_of(info))
+    fmt.write_json(root / fmt.INFO_PATH, info)
+    return root

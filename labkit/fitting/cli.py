@@ -166,13 +166,16 @@ class EpisodeData(L.LightningDataModule):
     """A labkit episode dataset (a shipped name such as `detour`, or a path) as random training windows."""
 
     def __init__(self, dataset: str = "detour", successes_only: bool = False, episodes: int | None = None,
-                 batch_size: int = 256, steps_per_epoch: int = 1000, seed: int = 0):
+                 batch_size: int = 256, steps_per_epoch: int = 1000, seed: int = 0, env: dict | None = None):
         super().__init__()
         check_count(batch_size, "batch_size")
         check_count(steps_per_epoch, "steps_per_epoch")
         if episodes is not None:
             check_count(episodes, "episodes")
         data = open_dataset(dataset)
+        # The env it was recorded in (the policy is evaluated there): `env` when given, else the dataset's;
+        # refused, before anything is trained, when neither says (policies.base.MissingInterfaceError).
+        self.env = dataset_env(data, env)
         if successes_only:
             data = data.select(np.flatnonzero(np.asarray(data.episodes["success"], bool)).tolist())
         if episodes is not None:
@@ -184,7 +187,6 @@ class EpisodeData(L.LightningDataModule):
         self.shapes = {k: list(v.shape[1:]) for k, v in data.frames.items()
                        if k == "action" or k.startswith("observation.")}
         self.stats = data.stats
-        self.env = dataset_env(data)  # the env it was recorded in: the policy is evaluated there
 
     def train_dataloader(self):
         policy = self.trainer.lightning_module

@@ -19,7 +19,8 @@ import lightning as L
 import numpy as np
 import torch
 
-from labkit.data import Normalizer
+from labkit.data import DatasetError, Normalizer
+from labkit.data.dataset import infer_interface
 from labkit.data.keys import env_key, is_image_feature
 from labkit.policies.runtime import ChunkRuntime
 from labkit.training import check_finite_loss, log_loss
@@ -41,9 +42,30 @@ def env_interface(env: dict | None) -> dict:
     return {"env_id": env.get("env_id"), "env_kwargs": kwargs}
 
 
-def dataset_env(dataset) -> dict:
-    """The env a labkit dataset was recorded in (its info.json), as a policy's `env`."""
-    return env_interface((getattr(dataset, "info", None) or {}).get("labkit"))
+class MissingInterfaceError(DatasetError):
+    """Training data that does not say which env interface (env id, frame, action kind) it was recorded with."""
+
+
+def dataset_env(dataset, env: dict | None = None) -> dict:
+    """The env interface a policy trained on `dataset` is rolled out in, as a policy's `env`: `env` when
+    given ({} for none, e.g. real-robot data), else the one the dataset records (`infer_interface`: its
+    info.json, or gym-pusht's for data laid out as lerobot/pusht). A dataset read from disk that records
+    none is refused with MissingInterfaceError: trained blind, a relative-action or block-frame policy
+    would be rolled out in the env's defaults and score ~0 without saying why."""
+    if env is not None:
+        return env_interface(env)
+    interface = infer_interface(getattr(dataset, "info", None) or {})
+    root = getattr(dataset, "root", None)
+    if interface is None and root is not None:  # in-memory datasets (no root) are the caller's own making
+        raise MissingInterfaceError(
+            f"dataset {root} does not record the env interface it was recorded with (meta/info.json has no "
+            "'labkit' field and its action feature no copy of one: LeRobot's split/delete/merge tools keep "
+            "only the copy, and data recorded elsewhere has neither). Pass it explicitly: "
+            "Policy.from_dataset(ds, env={'env_id': 'labkit/PushT-v0', 'env_kwargs': {'frame': 'block', "
+            "'actions': 'relative'}}) or, for `labkit fit`, `env: {env_id: ..., env_kwargs: {...}}` under "
+            "`data:` (--data.env '{\"env_id\": ..., \"env_kwargs\": {...}}'); env={} trains with none "
+            "(e.g. real-robot data)")
+    return env_interface(interface)
 
 
 def rollout_kwargs(policy, env_id: str, env_kwargs: dict) -> dict:
@@ -147,14 +169,18 @@ class Policy(ChunkRuntime, L.LightningModule):
         self.save_hyperparameters({"policy_class": type(self).__name__, "config": dataclasses.asdict(config),
                                    "shapes": self.shapes, "stats": self.stats, "env": self.data_env})
         self.loss_history: list[torch.Tensor] = []
+        # A hand-written loss of one batch, `fn(policy, batch) -> loss`, set by `fit(training_step=fn)`
+        # for the length of one fit: a lesson trains with the student's code instead of the method's.
+        self.batch_loss_fn = None
         self.reset()
 
     @classmethod
-    def from_dataset(cls, dataset, **config) -> Policy:
-        """Build a policy whose shapes and normaliser come from `dataset` (a labkit EpisodeDataset)."""
+    def from_dataset(cls, dataset, env: dict | None = None, **config) -> Policy:
+        """Build a policy whose shapes and normaliser come from `dataset` (a labkit EpisodeDataset) and
+        whose env interface is the dataset's, or `env` ({"env_id", "env_kwargs"}) when given (`dataset_env`)."""
         cfg = cls.config_class(**config)
         shapes = {k: list(dataset.frames[k].shape[1:]) for k in (*cfg.obs_keys, "action") if k in dataset.frames}
-        return cls(cfg, shapes, dataset.stats, dataset_env(dataset))
+        return cls(cfg, shapes, dataset.stats, dataset_env(dataset, env))
 
     # ---- what a method provides ---------------------------------------------------------------
     def loss(self, obs: dict[str, torch.Tensor], action: torch.Tensor, is_pad: torch.Tensor) -> torch.Tensor:
@@ -181,10 +207,15 @@ class Policy(ChunkRuntime, L.LightningModule):
         return out
 
     # ---- training -----------------------------------------------------------------------------
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+    def batch_loss(self, batch: dict[str, Any]) -> torch.Tensor:
+        """The training loss of one batch in raw units ({"obs", "action", "action_is_pad"}): normalise,
+        then the method's `loss`."""
         obs = self.normalize_obs(batch["obs"])
         action = self.normalizer.normalize("action", batch["action"].float())
-        loss = self.loss(obs, action, batch["action_is_pad"])
+        return self.loss(obs, action, batch["action_is_pad"])
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        loss = self.batch_loss_fn(self, batch) if self.batch_loss_fn is not None else self.batch_loss(batch)
         if not torch.isfinite(loss):  # one check (one host sync) a step: stop before NaN reaches the weights
             step = self.global_step if self._trainer is not None else batch_idx
             check_finite_loss(loss, step, f"{type(self).__name__}'s training loss", self.config.lr)
