@@ -32,6 +32,28 @@ def test_masked_loss_ignores_padding(detour_ds):
     assert torch.allclose(policy.loss(obs, action, pad), base)
 
 
+def test_fit_trains_with_a_handed_in_training_step(detour_ds):
+    """`fit(training_step=fn)`: what a lesson hands in is what trains (the student's code, not labkit's)."""
+    def small():
+        torch.manual_seed(0)
+        return BCPolicy.from_dataset(detour_ds, horizon=4, n_action_steps=2, hidden=32, layers=1)
+
+    def unmasked(policy, batch):  # a plausible wrong answer: padding counted as data
+        obs = policy.normalize_obs(batch["obs"])
+        action = policy.normalizer.normalize("action", batch["action"].float())
+        return (policy.predict_normalized(obs) - action).pow(2).mean()
+
+    runs = {}
+    for name, step in [("default", None), ("same", lambda p, b: p.batch_loss(b)), ("unmasked", unmasked)]:
+        policy = fit(small(), detour_ds, steps=30, batch_size=32, seed=0, progress=False, training_step=step)
+        runs[name] = torch.nn.utils.parameters_to_vector(policy.parameters()).detach()
+        assert policy.batch_loss_fn is None  # only for the length of one fit
+    assert torch.equal(runs["default"], runs["same"])
+    assert not torch.allclose(runs["default"], runs["unmasked"])
+    with pytest.raises(TypeError, match="training_step must be a function"):
+        fit(small(), detour_ds, steps=1, progress=False, training_step="bc")
+
+
 def test_select_action_executes_n_action_steps_per_chunk(detour_ds):
     policy = BCPolicy.from_dataset(detour_ds, horizon=8, n_action_steps=3, hidden=32, layers=1)
     calls = []

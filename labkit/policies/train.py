@@ -3,18 +3,16 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
 import lightning as L
 import torch
 
 from labkit.data.keys import is_image_feature
+from labkit.policies.base import Policy
 from labkit.training import RandomBatches, train_module
 from labkit.vision import ObsEncoder
 from labkit.vision.frames import FrameTable
-
-if TYPE_CHECKING:
-    from labkit.policies.base import Policy
 
 
 def window_tensors(policy: Policy, dataset) -> dict:
@@ -45,13 +43,26 @@ def window_tensors(policy: Policy, dataset) -> dict:
 
 
 def fit(policy: Policy, dataset, steps: int = 2000, batch_size: int = 256, seed: int = 0,
-        progress: bool = True, accelerator: str = "auto", devices: int | str = 1, **trainer_kwargs) -> Policy:
+        progress: bool = True, accelerator: str = "auto", devices: int | str = 1,
+        training_step: Callable | None = None, **trainer_kwargs) -> Policy:
     """Train `policy` on `dataset` for `steps` gradient steps and return it (in eval mode).
 
-    Extra keyword arguments go to `lightning.Trainer` (e.g. `strategy="ddp"`, `precision="bf16-mixed"`).
+    `training_step(policy, batch) -> loss` replaces the method's loss of a batch (`Policy.batch_loss`)
+    for this fit: Lightning still does the backward pass and the optimiser step, so a lesson trains with
+    the student's code and a wrong answer shows in the result. Extra keyword arguments go to
+    `lightning.Trainer` (e.g. `strategy="ddp"`, `precision="bf16-mixed"`).
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
+    if training_step is not None and not callable(training_step):
+        raise TypeError(f"training_step must be a function (policy, batch) -> loss, got {type(training_step).__name__}")
+    if training_step is not None and type(policy).training_step is not Policy.training_step:
+        raise ValueError(f"{type(policy).__name__} has its own training step (not a loss of one batch); "
+                         "training_step= applies to policies that use Policy.training_step")
     L.seed_everything(seed, verbose=False)
     batches = RandomBatches(policy.prepare_training(window_tensors(policy, dataset), dataset), batch_size, steps, seed)
-    return train_module(policy, batches, steps, seed, progress, accelerator, devices, **trainer_kwargs)
+    policy.batch_loss_fn = training_step
+    try:
+        return train_module(policy, batches, steps, seed, progress, accelerator, devices, **trainer_kwargs)
+    finally:
+        policy.batch_loss_fn = None
