@@ -268,3 +268,81 @@ def test_bad_configs(detour_ds):
         DiffusionPolicy.from_dataset(detour_ds, steps=200)
     with pytest.raises(ValueError, match="unknown DiffusionConfig fields"):
         DiffusionPolicy({"betas": 1}, {"observation.state": [6], "action": [2]}, detour_ds.stats)
+
+
+# ---- what a lesson hands in: its loss (through fit's training_step) and its sampler ------------------
+def _lesson_step(cls, loss_fn):
+    """A training step built on a lesson's loss function, drawing its randomness in labkit's order."""
+    def step(policy, batch):
+        obs = policy.normalize_obs(batch["obs"])
+        action = policy.normalizer.normalize("action", batch["action"].float())
+        if cls is DiffusionPolicy:
+            T = policy.config.num_train_timesteps
+            k, eps = torch.randint(0, T, (len(action),)), torch.randn_like(action)
+            feat = policy.model["encoder"](obs)
+            return loss_fn(lambda x, k_: policy.model["denoiser"](x, k_.float() / T, feat), action, k, eps,
+                           policy.alphas_cumprod)
+        x0, t = torch.randn_like(action), torch.rand(len(action))
+        feat = policy.model["encoder"](obs)
+        return loss_fn(lambda x, t_: policy.model["denoiser"](x, t_, feat), action, x0, t)
+    return step
+
+
+@pytest.mark.parametrize("cls", CLASSES)
+def test_a_lessons_loss_trains_and_a_wrong_one_shows(cls, detour_ds):
+    """fit(training_step=...) built on labkit's own loss trains bit for bit as the default; a wrong loss
+    (regressing the clean chunk) trains other weights."""
+    from labkit.policies.diffusion import ddpm_loss
+    from labkit.policies.flow import flow_matching_loss
+
+    right = ddpm_loss if cls is DiffusionPolicy else flow_matching_loss
+
+    def wrong(model, action, _k_or_x0, t_or_eps, *rest):  # the target is the clean chunk, not noise/velocity
+        return torch.nn.functional.mse_loss(model(action, t_or_eps if cls is FlowPolicy else _k_or_x0), action)
+
+    ds, runs = detour_ds.select(range(5)), {}
+    for name, step in [("default", None), ("right", _lesson_step(cls, right)), ("wrong", _lesson_step(cls, wrong))]:
+        torch.manual_seed(0)  # the same initial weights for every run
+        runs[name] = fit(cls.from_dataset(ds, hidden=32, layers=1), ds, steps=8, batch_size=32, progress=False,
+                         training_step=step).losses()
+    np.testing.assert_array_equal(runs["right"], runs["default"])
+    assert not np.allclose(runs["wrong"], runs["default"])
+
+
+@pytest.mark.parametrize("cls", CLASSES)
+def test_a_lessons_sampler_drives_sampling_and_a_wrong_one_shows(cls, detour_ds):
+    """from_dataset(sampler=...) with labkit's own step/sampler samples bit for bit as the default; a wrong
+    one (DDIM without re-noising; Euler with the step's end time) changes the chunks and what
+    predict_action_chunk returns. Stochastic sampling keeps labkit's chain."""
+    from labkit.policies.diffusion import ddim_step
+    from labkit.policies.flow import euler_sample
+
+    if cls is DiffusionPolicy:
+        right, wrong = ddim_step, lambda x, eps, ab_t, ab_prev: ddim_step(x, eps, ab_t, ab_prev) - (1 - ab_prev).sqrt() * eps
+    else:
+        right = euler_sample
+
+        def wrong(velocity, x0, steps):
+            return euler_sample(lambda x, t: velocity(x, t + 1 / steps), x0, steps)
+    torch.manual_seed(0)
+    base = cls.from_dataset(detour_ds, hidden=32, layers=1).eval()
+    with torch.no_grad():  # random weights everywhere: the zero-initialised last layer makes any sampler look right
+        for prm in base.parameters():
+            prm.add_(0.1 * torch.randn_like(prm))
+    obs = base.normalize_obs({"observation.state": torch.randn(4, 2, 6)})
+    noise = torch.randn(4, 16, 2)
+    mine = {}
+    for name, fn in [("right", right), ("wrong", wrong)]:
+        p = cls.from_dataset(detour_ds, sampler=fn, hidden=32, layers=1).eval()
+        p.load_state_dict(base.state_dict())
+        with torch.no_grad():
+            mine[name] = p.sample(obs, noise=noise, steps=5)
+            torch.manual_seed(1)
+            stoch = p.sample(obs, noise=noise, steps=5, stochastic=True).latents
+            torch.manual_seed(1)
+            torch.testing.assert_close(stoch, base.sample(obs, noise=noise, steps=5, stochastic=True).latents,
+                                       rtol=0, atol=0)
+    with torch.no_grad():
+        theirs = base.sample(obs, noise=noise, steps=5)
+    assert torch.equal(mine["right"].latents, theirs.latents) and mine["right"].latents.shape == (4, 6, 16, 2)
+    assert not torch.allclose(mine["wrong"].actions, theirs.actions, atol=1e-3)

@@ -106,3 +106,36 @@ def test_postbc_trains_on_a_dataset_and_round_trips(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(back.sample(back.normalize_obs(obs), noise=noise).actions,
                                    policy.sample(policy.normalize_obs(obs), noise=noise).actions)
+
+
+def test_a_lessons_targets_train_and_wrong_ones_show():
+    """posterior_targets is the formula PostBC trained on (bit for bit); from_dataset(targets_fn=...) with
+    labkit's own function trains as the default, and a wrong one (noise on every element, alpha ignored)
+    trains other weights."""
+    from labkit.data import DATASETS, load_dataset
+    from labkit.policies import fit
+    from labkit.policies.postbc import posterior_targets
+
+    action, std = torch.randn(500, 4, 2), torch.rand(500, 4, 2)
+    torch.manual_seed(3)
+    noisy = (torch.rand(len(action), 1, 1) < 0.3).float()  # the formula training_step used before
+    old = action + noisy * 2.0 * std * torch.randn_like(action)
+    torch.manual_seed(3)
+    assert torch.equal(posterior_targets(action, std, 0.3, 2.0), old)
+    g1, g2 = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    assert torch.equal(posterior_targets(action, std, 0.3, 2.0, g1), posterior_targets(action, std, 0.3, 2.0, g2))
+
+    def wrong(action, std, alpha, beta, generator):
+        return action + beta * std * torch.randn(action.shape, generator=generator)
+
+    ds = load_dataset(DATASETS / "detour").select(range(6))
+    config = {"ensemble_size": 2, "ensemble_steps": 10, "hidden": 32, "layers": 1, "alpha": 0.2, "beta": 4.0}
+    spread = fit(PostBCFlowPolicy.from_dataset(ds, **config), ds, steps=1, progress=False).posterior_std
+    runs = {}
+    for name, fn in [("default", None), ("right", posterior_targets), ("wrong", wrong)]:
+        torch.manual_seed(0)
+        policy = PostBCFlowPolicy.from_dataset(ds, targets_fn=fn, **config)
+        policy.posterior_std = spread  # one ensemble for all three
+        runs[name] = fit(policy, ds, steps=8, batch_size=64, progress=False).losses()
+    np.testing.assert_array_equal(runs["right"], runs["default"])
+    assert not np.allclose(runs["wrong"], runs["default"])

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from labkit.policies.generative import GenerativeConfig, GenerativePolicy
+from labkit.policies.generative import GenerativeConfig, GenerativePolicy, masked_mse
 
 
 @dataclass
@@ -52,6 +52,25 @@ def ddim_timesteps(T: int, steps: int) -> list[int]:
     return [int(t) for t in np.round(np.arange(T, 0, -T / steps)).astype(int) - 1]
 
 
+def ddpm_loss(eps_model, action: torch.Tensor, k: torch.Tensor, eps: torch.Tensor, alphas_cumprod: torch.Tensor,
+              is_pad: torch.Tensor | None = None) -> torch.Tensor:
+    """The DDPM loss of chunks `action` [B, H, A] at integer levels `k` [B] with noise `eps` [B, H, A]: the
+    MSE (`masked_mse`) between eps_model(x_k, k) and eps, x_k = sqrt(abar_k) a + sqrt(1 - abar_k) eps."""
+    abar = alphas_cumprod[k].view(-1, 1, 1)
+    x_k = abar.sqrt() * action + (1 - abar).sqrt() * eps
+    return masked_mse(eps_model(x_k, k), eps, is_pad)
+
+
+def ddim_step(x_t: torch.Tensor, eps_hat: torch.Tensor, abar_t: torch.Tensor, abar_prev: torch.Tensor,
+              s=0.0, clip: bool = True) -> torch.Tensor:
+    """The mean of one DDIM step from level abar_t to abar_prev given the noise estimate `eps_hat`: the clean
+    guess (clipped to [-1, 1] with `clip`) re-noised to abar_prev; `s` is the step's own noise std (eta = 0: 0)."""
+    a_hat = (x_t - (1 - abar_t).sqrt() * eps_hat) / abar_t.sqrt()
+    if clip:
+        a_hat = a_hat.clamp(-1, 1)
+    return abar_prev.sqrt() * a_hat + (1 - abar_prev - s**2).clamp(min=0).sqrt() * eps_hat
+
+
 class DiffusionPolicy(GenerativePolicy):
     """A noise-prediction network eps_theta(x_k, k, obs) over the normalised action chunk."""
 
@@ -66,10 +85,9 @@ class DiffusionPolicy(GenerativePolicy):
         T = self.config.num_train_timesteps
         k = torch.randint(0, T, (len(action),), device=action.device)
         eps = torch.randn_like(action)
-        abar = self.alphas_cumprod[k].view(-1, 1, 1)
-        x_k = abar.sqrt() * action + (1 - abar).sqrt() * eps
-        pred = self.model["denoiser"](x_k, k.float() / T, self.model["encoder"](obs))
-        return self.chunk_loss(pred, eps, is_pad)
+        feat = self.model["encoder"](obs)
+        return ddpm_loss(lambda x, k_: self.model["denoiser"](x, k_.float() / T, feat), action, k, eps,
+                         self.alphas_cumprod, is_pad if self.config.mask_padding else None)
 
     def step_distribution(self, net, feat, x, i, steps, stochastic):
         """One DDIM step from timestep t_i to t_{i+1} (or to the clean chunk after the last)."""
@@ -79,10 +97,18 @@ class DiffusionPolicy(GenerativePolicy):
         abar_t = self.alphas_cumprod[t]
         abar_prev = self.alphas_cumprod[prev] if prev >= 0 else torch.ones_like(abar_t)
         eps = net["denoiser"](x, torch.full((len(x),), t / T, device=x.device), feat)
-        a_hat = (x - (1 - abar_t).sqrt() * eps) / abar_t.sqrt()
-        if c.clip_sample:
-            a_hat = a_hat.clamp(-1, 1)
         eta = c.eta if stochastic else 0.0
         s = eta * ((1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)).sqrt()
-        mean = abar_prev.sqrt() * a_hat + (1 - abar_prev - s**2).clamp(min=0).sqrt() * eps
+        mean = ddim_step(x, eps, abar_t, abar_prev, s, c.clip_sample)
         return mean, s.clamp(min=c.min_std) if stochastic else s
+
+    def lesson_chain(self, net, feat, x, steps):
+        """The chain [B, K+1, H, A] of a lesson's DDIM step, `sampler(x_t, eps_hat, abar_t, abar_prev)` (eta = 0)."""
+        T = self.config.num_train_timesteps
+        ts, latents = ddim_timesteps(T, steps), [x]
+        for i, t in enumerate(ts):
+            abar_prev = self.alphas_cumprod[ts[i + 1]] if i + 1 < steps else torch.ones_like(self.alphas_cumprod[t])
+            eps = net["denoiser"](x, torch.full((len(x),), t / T, device=x.device), feat)
+            x = self.sampler(x, eps, self.alphas_cumprod[t], abar_prev)
+            latents.append(x)
+        return torch.stack(latents, 1)

@@ -13,6 +13,7 @@ log-densities) are options of these two methods, so the Gaussian of a step is wr
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -93,6 +94,16 @@ class GenerativePolicy(Policy):
     """Base of DiffusionPolicy and FlowPolicy: networks, EMA, and the shared K-step sampler."""
 
     config_class = GenerativeConfig
+    # What a lesson hands in: its own deterministic sampler (diffusion: a DDIM step, flow: an Euler sampler;
+    # `lesson_chain` says each form), which `sample` then runs in place of labkit's, evaluation included.
+    sampler: Callable | None = None
+
+    @classmethod
+    def from_dataset(cls, dataset, env: dict | None = None, sampler: Callable | None = None, **config):
+        """`Policy.from_dataset`, sampling with a lesson's `sampler` when one is given."""
+        policy = super().from_dataset(dataset, env, **config)
+        policy.sampler = sampler
+        return policy
 
     def __init__(self, config, shapes, stats, env=None):
         super().__init__(config, shapes, stats, env)
@@ -107,6 +118,10 @@ class GenerativePolicy(Policy):
     def step_distribution(self, net: nn.Module, feat: torch.Tensor, x: torch.Tensor, i: int, steps: int,
                           stochastic: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean [B, H, A] and std (a float or a scalar tensor) of z_{i+1} given z_i = x, step i of `steps`."""
+        raise NotImplementedError
+
+    def lesson_chain(self, net: nn.Module, feat: torch.Tensor, x: torch.Tensor, steps: int) -> torch.Tensor:
+        """The deterministic chain [B, K+1, H, A] from noise `x` that the lesson's `sampler` computes."""
         raise NotImplementedError
 
     def chunk_loss(self, pred: torch.Tensor, target: torch.Tensor, is_pad: torch.Tensor) -> torch.Tensor:
@@ -167,6 +182,9 @@ class GenerativePolicy(Policy):
             noise = torch.randn(shape, device=feat.device)
         elif tuple(noise.shape) != shape:
             raise ValueError(f"noise must have shape {shape} (batch, horizon, action_dim), got {tuple(noise.shape)}")
+        if self.sampler is not None and not stochastic and first == 0:  # the lesson's sampler
+            latents = self.lesson_chain(net, feat, noise, steps)
+            return SampleResult(latents[:, -1], latents)
         x, latents, log_probs = noise, [], []
         for i in range(steps):
             if i == first:

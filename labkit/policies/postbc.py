@@ -88,6 +88,16 @@ def ensemble_spread(template, tensors: dict, size: int = 5, steps: int = 1000, b
     return torch.stack(preds).std(0)
 
 
+def posterior_targets(action: torch.Tensor, std: torch.Tensor, alpha: float, beta: float,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+    """PostBC's training targets for chunks `action` [B, H, A] with the ensemble's spread `std` [B, H, A]:
+    action + beta * std * eps (eps ~ N(0, I)) for each sample with probability alpha (one coin per sample),
+    the action unchanged for the others; `generator` makes both draws (None: torch's global one)."""
+    noisy = (torch.rand(len(action), 1, 1, device=action.device, generator=generator) < alpha).float()
+    eps = torch.randn(action.shape, device=action.device, dtype=action.dtype, generator=generator)
+    return action + noisy * beta * std * eps
+
+
 @dataclass
 class PosteriorFields:
     """PostBC's knobs, shared by its diffusion and flow variants."""
@@ -111,6 +121,15 @@ class PosteriorTargets:
     """Mixin for a generative policy: fit the ensemble before training, then noise the targets."""
 
     posterior_std: torch.Tensor | None = None  # [N, H, A], set by prepare_training (not checkpointed)
+    # What a lesson hands in: its own `posterior_targets` (same arguments), which training then noises with.
+    targets_fn = None
+
+    @classmethod
+    def from_dataset(cls, dataset, env: dict | None = None, targets_fn=None, **config):
+        """The policy's `from_dataset`, training on a lesson's `targets_fn` when one is given."""
+        policy = super().from_dataset(dataset, env, **config)
+        policy.targets_fn = targets_fn
+        return policy
 
     def prepare_training(self, tensors: dict, dataset) -> dict:
         """Fit the ensemble, unless `posterior_std` was already set for these windows (so a sweep
@@ -124,9 +143,8 @@ class PosteriorTargets:
         return {**tensors, "posterior_std": self.posterior_std}
 
     def training_step(self, batch, batch_idx):
-        c, action = self.config, batch["action"]
-        noisy = (torch.rand(len(action), 1, 1, device=action.device) < c.alpha).float()
-        action = action + noisy * c.beta * batch["posterior_std"] * torch.randn_like(action)
+        c = self.config
+        action = (self.targets_fn or posterior_targets)(batch["action"], batch["posterior_std"], c.alpha, c.beta, None)
         return super().training_step({**batch, "action": action}, batch_idx)
 
 
