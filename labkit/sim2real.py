@@ -178,24 +178,42 @@ def identify(recordings: list[dict], grid: dict[str, list], fixed: dict | None =
     return {n: grid[n][i] for n, i in zip(names, best, strict=True)}, errors
 
 
+def cem_sample(mean: np.ndarray, std: np.ndarray, low: np.ndarray, high: np.ndarray, population: int,
+               rng: np.random.Generator, integer: tuple[int, ...] = ()) -> np.ndarray:
+    """CEM's proposal: `population` points [N, D] drawn from N(mean, std^2) with `rng.normal`, clipped to
+    the box [low, high], the `integer` coordinates rounded."""
+    xs = np.clip(rng.normal(mean, std, (population, len(mean))), low, high)
+    xs[:, list(integer)] = np.round(xs[:, list(integer)])
+    return xs
+
+
+def cem_refit(xs: np.ndarray, fs: np.ndarray, elite: int) -> tuple[np.ndarray, np.ndarray]:
+    """CEM's update: mean and std (ddof 0) per coordinate of the `elite` points xs [N, D] with the lowest fs [N]."""
+    top = xs[np.argsort(fs)[:elite]]
+    return top.mean(0), top.std(0)
+
+
 def cem(objective, low, high, iters: int = 6, population: int = 16, elite: int = 4, seed: int = 0,
-        integer: tuple[int, ...] = ()) -> tuple[np.ndarray, float, list[dict]]:
+        integer: tuple[int, ...] = (), sample=None, refit=None) -> tuple[np.ndarray, float, list[dict]]:
     """Cross-entropy method: minimise `objective(x)` over the box [low, high]. Each iteration samples
     `population` points from a Gaussian (clipped to the box; the `integer` coordinates rounded), and
     refits its mean and std to the `elite` best. Returns the best point seen, its value, and a history
-    (mean, std, best value per iteration) for plotting."""
+    (mean, std, best value per iteration) for plotting. `sample` and `refit` (what a lesson hands in,
+    signatures of `cem_sample` and `cem_refit`) replace labkit's two halves of the update."""
     low, high = np.asarray(low, float), np.asarray(high, float)
     if low.shape != high.shape or (low > high).any() or not 1 <= elite <= population:
         raise ValueError("need low <= high of one shape and 1 <= elite <= population")
+    sample, refit = sample or cem_sample, refit or cem_refit
     rng = np.random.default_rng(seed)
     mean, std = (low + high) / 2, (high - low) / 2
     best_x, best_f, history = mean, float("inf"), []
     for _ in range(iters):
-        xs = np.clip(rng.normal(mean, std, (population, len(mean))), low, high)
-        xs[:, list(integer)] = np.round(xs[:, list(integer)])
+        xs = np.asarray(sample(mean, std, low, high, population, rng, tuple(integer)), float)
+        if xs.shape != (population, len(mean)):
+            raise ValueError(f"sample must return [population, D] = [{population}, {len(mean)}], got {xs.shape}")
         fs = np.array([objective(x) for x in xs])
-        top = xs[np.argsort(fs)[:elite]]
-        mean, std = top.mean(0), top.std(0) + 1e-3 * (high - low)  # a floor keeps it searching
+        mean, std = (np.asarray(v, float) for v in refit(xs, fs, elite))
+        std = std + 1e-3 * (high - low)  # a floor keeps it searching
         if fs.min() < best_f:
             best_x, best_f = xs[np.argmin(fs)].copy(), float(fs.min())
         history.append({"mean": mean.copy(), "std": std.copy(), "best": best_f})

@@ -118,3 +118,32 @@ def test_local_adapter_dims_select_the_innovation():
     ad = LocalAdapter(W, UnitNorm(), max_correction=None, dims=[2])
     now, then = {"state": np.array([5.0, 5.0, 0.25])}, {"state": np.zeros(3)}
     assert np.allclose(ad.correct(np.array([1.0]), now, then, 0), [1.25])
+
+
+def test_fit_adapter_solves_with_a_handed_in_ridge():
+    """`solve=` replaces labkit's ridge: the same solve gives the same adapter; a wrong one (the penalty
+    a hundred times too strong) changes its held-out error."""
+    from labkit.data import DATASETS, load_dataset
+    from labkit.policies import FlowPolicy
+
+    ds = load_dataset(DATASETS / "arm").select(range(20))
+    torch.manual_seed(0)
+    pol = FlowPolicy.from_dataset(ds, horizon=8, n_action_steps=4, obs_horizon=2, hidden=32, layers=1).eval()
+    calls = []
+
+    def mine(x, y, lam):
+        calls.append(x.shape)
+        X = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)
+        return torch.linalg.solve(X.T @ X + lam * torch.eye(X.shape[1], dtype=x.dtype), X.T @ y)
+
+    def overpenalised(x, y, lam):
+        return mine(x, y, 100 * lam)
+
+    fits = []
+    for solve in (None, mine, overpenalised):
+        torch.manual_seed(1)  # the flow policy's chunks are sampled: the same noise for each fit
+        fits.append(fit_adapter(pol, ds, max_age=3, lam=1.0, solve=solve))
+    (ad0, rep0), (ad1, rep1), (_, rep2) = fits
+    assert len(calls) == 8 and torch.equal(ad0.W, ad1.W)  # one solve per age (0..3), in each of two fits
+    np.testing.assert_array_equal(rep0["mse_adapted"], rep1["mse_adapted"])
+    assert not np.allclose(rep2["mse_adapted"], rep0["mse_adapted"])

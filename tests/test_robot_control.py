@@ -257,3 +257,34 @@ def test_arm_twin_expert_through_the_loop():
     safe = SafetyLayer(robot, SafetyConfig(max_delta=0.3), fk=robot.fk, clock=FakeClock())
     stats = ControlLoop(safe, expert).run(40)
     assert stats.steps == 40 and robot.spec.action_mode == "position" and robot.spec.dim == 6
+
+
+def test_loop_runs_handed_in_blends():
+    """`rtc_fn=` and `ensemble_fn=` are the blends the loop runs: written out, the commands are identical to
+    labkit's; a wrong blend (the oldest chunk's action, the newest never ramped in) shows in the commands."""
+    from labkit.robot.control import rtc_blend, temporal_ensemble
+
+    def rtc(live, step, blend_steps):
+        old, new = live[0], live[-1]
+        w = 1.0 if len(live) == 1 or blend_steps == 0 else min(1.0, (step - new[1] + 1) / (blend_steps + 1))
+        return (1 - w) * old[2][step - old[0]] + w * new[2][step - new[0]] if w < 1 else new[2][step - new[0]]
+
+    def ensemble(actions, m):
+        w = np.exp(-m * np.arange(len(actions)))
+        return w @ actions / w.sum()
+
+    def oldest(live, step, blend_steps):
+        return live[0][2][step - live[0][0]]
+
+    def sent(mode, **fns):
+        clock, robot = FakeClock(), StepRobot()
+        ControlLoop(robot, ClockedSource(clock, offset=5.0), clock=clock, mode=mode, inference_delay=1,
+                    threaded=False, blend_steps=3, ensemble_coeff=0.3, **fns).run(40)
+        return np.array(robot.sent)
+
+    np.testing.assert_array_equal(sent("rtc", rtc_fn=rtc), sent("rtc"))
+    np.testing.assert_allclose(sent("ensemble", ensemble_fn=ensemble), sent("ensemble"), atol=1e-12)
+    assert np.abs(sent("rtc", rtc_fn=oldest) - sent("rtc")).max() >= 1.0
+    live = [(0, 0, np.arange(8.0)[:, None]), (2, 4, 100 + np.arange(8.0)[:, None])]
+    assert rtc_blend(live, 4, 3)[0] == pytest.approx(0.75 * 4 + 0.25 * 102)
+    assert temporal_ensemble(np.array([[0.0], [3.0]]), np.log(2))[0] == pytest.approx(1.0)

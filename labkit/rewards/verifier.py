@@ -205,13 +205,23 @@ def verifier_data(policy, dataset) -> dict:
     return {"x": x, "chunk": chunk, "episode": torch.as_tensor(dataset.frames["episode_index"][w["index"]]).long()}
 
 
-def fit_verifier(policy, dataset, config: VerifierConfig | None = None, failed: dict | None = None
-                 ) -> tuple[ChunkVerifier, list[float]]:
+def verifier_loss(verifier: ChunkVerifier, x: torch.Tensor, a: torch.Tensor, hard: torch.Tensor | None = None,
+                  mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The training loss of one batch: embed observations x [B, D] with g, executed chunks a [B, d] and
+    hard negatives `hard` [B, K, d] (or None) with h, and take `info_nce` (mask [B, K], False = unused)."""
+    e_x, e_a = verifier.g(x), verifier.h(a)
+    e_hard = None if hard is None else verifier.h(hard.flatten(0, 1)).view(len(x), hard.shape[1], -1)
+    return info_nce(e_x, e_a, verifier.logit_scale, e_hard, mask)
+
+
+def fit_verifier(policy, dataset, config: VerifierConfig | None = None, failed: dict | None = None,
+                 training_step=None) -> tuple[ChunkVerifier, list[float]]:
     """Train a ChunkVerifier on `dataset`'s demonstrated (x, chunk) pairs in `policy`'s convention.
 
     Each step: a batch of demo anchors, in-batch negatives, `negatives` perturbed copies of each
     anchor's chunk, and (when `failed`, from `failed_chunks`, is given) a `failed_fraction` of anchors
     chosen as the demo state nearest to a failed chunk's, that chunk joining their denominator.
+    `training_step(verifier, x, a, hard, mask) -> loss` (what a lesson hands in) replaces `verifier_loss`.
     Returns (verifier in eval mode, loss per step)."""
     c = config or VerifierConfig()
     E = policy.config.n_action_steps
@@ -229,6 +239,7 @@ def fit_verifier(policy, dataset, config: VerifierConfig | None = None, failed: 
         n_failed = int(round(c.failed_fraction * c.batch_size))
     n_demo = c.batch_size - n_failed
     k = c.negatives if c.perturbations else 0
+    step = training_step or verifier_loss
 
     def loss_fn(idx):  # n_demo demo anchors, then the failed chunks' anchors and the negatives (drawn from gen)
         slots, masks = [], []
@@ -242,13 +253,9 @@ def fit_verifier(policy, dataset, config: VerifierConfig | None = None, failed: 
             pert = random_perturbations(chunks[idx], k, c.perturbations, gen, c.noise, c.mirror_dim)
             slots.append(critic_action(pert, E))
             masks.append(torch.ones(len(idx), k, dtype=torch.bool))
-        e_x, e_a = verifier.g(x[idx]), verifier.h(critic_action(chunks[idx], E))
-        hard = mask = None
-        if slots:
-            neg = torch.cat(slots, 1)  # [B, K, d]
-            hard = verifier.h(neg.flatten(0, 1)).view(len(idx), neg.shape[1], -1)
-            mask = torch.cat(masks, 1)
-        return info_nce(e_x, e_a, verifier.logit_scale, hard, mask)
+        hard = torch.cat(slots, 1) if slots else None  # [B, K, d] executed chunks
+        mask = torch.cat(masks, 1) if slots else None
+        return step(verifier, x[idx], critic_action(chunks[idx], E), hard, mask)
 
     losses = minibatch_fit(verifier, loss_fn, len(x), c.steps, n_demo, c.lr, optimizer="adamw",
                            weight_decay=c.weight_decay, generator=gen, after_step=lambda *_: verifier.clamp_())

@@ -98,14 +98,16 @@ class LocalAdapter:
 
 
 def fit_adapter(policy: Any, dataset: Any, max_age: int, lam: float = 10.0, holdout: float = 0.1,
-                max_correction: float | None = 0.1, dims: Any = None) -> tuple[LocalAdapter, dict[str, np.ndarray]]:
+                max_correction: float | None = 0.1, dims: Any = None, solve: Any = None
+                ) -> tuple[LocalAdapter, dict[str, np.ndarray]]:
     """Fit a LocalAdapter for `policy` (a labkit policy observing `observation.state`) on `dataset`.
 
     The remote chunks are the policy's predictions at every frame; for each age 0..max_age, each
     pair is (state at t minus state at t - age) -> (demonstrated action at t minus the chunk planned at
     t - age, at its step for t), solved by ridge regression. The last `holdout` share of episodes is
     kept out; returns the adapter and, per age, the held-out mean squared error (normalised actions)
-    of the stale action and of the corrected one. `dims`: the state entries the innovation uses (all)."""
+    of the stale action and of the corrected one. `dims`: the state entries the innovation uses (all).
+    `solve(x, y, lam) -> W` (what a lesson hands in, `ridge`'s signature) replaces labkit's `ridge`."""
     key = "observation.state"
     horizon = int(policy.config.horizon)
     if key not in policy.config.obs_keys:
@@ -130,7 +132,7 @@ def fit_adapter(policy: Any, dataset: Any, max_age: int, lam: float = 10.0, hold
             x = x[:, list(dims)]
         y = target[idx] - norm.normalize("action", torch.as_tensor(g[idx]).float()).double()
         train, test = torch.as_tensor(episode[idx] < cut), torch.as_tensor(episode[idx] >= cut)
-        W = ridge(x[train], y[train], lam)
+        W = torch.as_tensor((solve or ridge)(x[train], y[train], lam), dtype=x.dtype)
         weights.append(W)
         if test.any():
             pred = torch.cat([x[test], torch.ones(int(test.sum()), 1, dtype=x.dtype)], 1) @ W

@@ -93,15 +93,41 @@ def as_chunk_source(policy: Any) -> Any:
 
 
 # ---- blending ------------------------------------------------------------------------------------------
-class ChunkBlender:
-    """Chunks on a timeline of control steps -> one action per step (see the module docstring)."""
+def temporal_ensemble(actions: np.ndarray, coeff: float) -> np.ndarray:
+    """ACT's temporal ensembling: the mean of `actions` [n, A] (oldest chunk first) weighted exp(-coeff * i)."""
+    w = np.exp(-coeff * np.arange(len(actions)))
+    return (w[:, None] * actions).sum(0) / w.sum()
 
-    def __init__(self, mode: str = "rtc", blend_steps: int = 4, ensemble_coeff: float = 0.01):
+
+def rtc_blend(live: list[tuple[int, int, np.ndarray]], step: int, blend_steps: int) -> np.ndarray:
+    """Real-time chunk blending: the action [A] for `step` from the chunks `live` that cover it, oldest
+    first, each (obs_step, arrival_step, chunk [H, A]) with chunk[i] planned for step obs_step + i. The
+    newest chunk's action, ramped in from the previous chunk's with weight (step - arrival + 1) / (blend_steps + 1)."""
+    new = live[-1]
+    a_new = new[2][step - new[0]]
+    if len(live) == 1 or blend_steps == 0:
+        return a_new
+    old = live[-2]
+    w = (step - new[1] + 1) / (blend_steps + 1)  # ramps 1/(B+1) ... 1 over B steps after arrival
+    if w >= 1:
+        return a_new
+    return (1 - w) * old[2][step - old[0]] + w * a_new
+
+
+class ChunkBlender:
+    """Chunks on a timeline of control steps -> one action per step (see the module docstring).
+
+    `rtc_fn` and `ensemble_fn` (what a lesson hands in, signatures of `rtc_blend` and `temporal_ensemble`)
+    replace labkit's blends."""
+
+    def __init__(self, mode: str = "rtc", blend_steps: int = 4, ensemble_coeff: float = 0.01,
+                 rtc_fn: Callable | None = None, ensemble_fn: Callable | None = None):
         if mode not in BLEND_MODES:
             raise ValueError(f"mode must be one of {BLEND_MODES}, got {mode!r}")
         if blend_steps < 0:
             raise ValueError(f"blend_steps must be >= 0, got {blend_steps}")
         self.mode, self.blend_steps, self.coeff = mode, int(blend_steps), float(ensemble_coeff)
+        self.rtc_fn, self.ensemble_fn = rtc_fn or rtc_blend, ensemble_fn or temporal_ensemble
         self.chunks: list[tuple[int, int, np.ndarray]] = []  # (obs step, arrival step, chunk [H, A])
 
     def add(self, chunk: np.ndarray, obs_step: int, arrival_step: int) -> None:
@@ -123,18 +149,10 @@ class ChunkBlender:
         if not live:
             return None
         if self.mode == "ensemble":
-            acts = np.stack([c[2][step - c[0]] for c in live])  # oldest first
-            w = np.exp(-self.coeff * np.arange(len(live)))
-            return (w[:, None] * acts).sum(0) / w.sum()
-        new = live[-1]
-        a_new = new[2][step - new[0]]
-        if self.mode == "none" or len(live) == 1 or self.blend_steps == 0:
-            return a_new
-        old = live[-2]
-        w = (step - new[1] + 1) / (self.blend_steps + 1)  # ramps 1/(B+1) ... 1 over B steps after arrival
-        if w >= 1:
-            return a_new
-        return (1 - w) * old[2][step - old[0]] + w * a_new
+            return np.asarray(self.ensemble_fn(np.stack([c[2][step - c[0]] for c in live]), self.coeff), np.float64)
+        if self.mode == "none":
+            return live[-1][2][step - live[-1][0]]
+        return np.asarray(self.rtc_fn(live, step, self.blend_steps), np.float64)
 
 
 # ---- timing statistics ---------------------------------------------------------------------------------
@@ -193,13 +211,15 @@ class ControlLoop:
     `check`: before the first command of the first run, read one observation and raise a ValueError if
     it does not match what the policy reads (`check_policy_matches_robot`; skipped for a plain callable
     or a source that does not say what it reads).
+    `rtc_fn`, `ensemble_fn`: the blends the loop runs with (what a lesson hands in; see ChunkBlender).
     """
 
     def __init__(self, robot: Any, policy: Any, *, fps: float | None = None, clock: Any = None,
                  mode: str = "rtc", execute_steps: int | None = None, blend_steps: int = 4,
                  ensemble_coeff: float = 0.01, inference_delay: int | None = None, threaded: bool = True,
                  safety: SafetyConfig | None = None, on_step: Callable | None = None, stop_on_done: bool = True,
-                 result_timeout: float = 10.0, check: bool = True):
+                 result_timeout: float = 10.0, check: bool = True, rtc_fn: Callable | None = None,
+                 ensemble_fn: Callable | None = None):
         self.clock = clock or (robot.clock if isinstance(robot, SafetyLayer) else RealClock())
         if isinstance(robot, SafetyLayer):
             self.robot = robot
@@ -223,7 +243,7 @@ class ControlLoop:
         if horizon and self.execute_steps + (inference_delay or 0) > horizon:
             raise ValueError(f"execute_steps + inference_delay ({self.execute_steps} + {inference_delay or 0}) must "
                              f"not exceed the chunk horizon {horizon}, or the robot runs out of actions")
-        self.blender = ChunkBlender(mode, blend_steps, ensemble_coeff)
+        self.blender = ChunkBlender(mode, blend_steps, ensemble_coeff, rtc_fn, ensemble_fn)
         self.threaded, self.on_step, self.stop_on_done = threaded, on_step, stop_on_done
         self.result_timeout = float(result_timeout)
         self.stats: LoopStats | None = None
