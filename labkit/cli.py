@@ -216,6 +216,9 @@ def main(argv=None) -> int:
         except (ValueError, FileNotFoundError) as e:
             _fail("eval", e)
         print(result.summary())
+        for key in ("max_coverage", "coverage"):  # Diffusion Policy's metric, and the final coverage
+            if all(key in i for i in result.final_info):
+                print(f"mean {key.replace('_', ' ')}: {result.mean_info(key):.3f}")
     return 0
 
 

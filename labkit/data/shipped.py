@@ -28,6 +28,9 @@ SHIPPED = {
     "pusht_rel_pixels": ("labkit/PushT-v0", {"obs_mode": "pixels", "image_size": 64, "actions": "relative"}, 200, 0),
     "arm_pixels": ("labkit/ArmPickCube-v0", {"obs_mode": "pixels", "image_size": 64}, 200, 0),
     "arm": ("labkit/ArmPickCube-v0", {}, 200, 0),  # the classroom arm's twin, teleop-style expert
+    # The canonical PushT (gym-pusht, the `pusht` extra) in the interface of labkit's best PushT recipe:
+    # block frame, relative actions (configs/flow_gym_pusht.yaml).
+    "gym_pusht": ("labkit/GymPushT-v0", {"frame": "block", "actions": "relative"}, 200, 0),
 }
 EVAL_SEED = 1000  # the first evaluation seed: every lesson, `evaluate` and `labkit eval` start here
 

@@ -5,6 +5,10 @@
 
 Physics options for domain randomisation (`friction`, `mass`, `damping` as multipliers or ranges,
 `obs_noise` as a std) are keyword arguments of `gym.make`.
+
+Other processes: gymnasium has no plugin hook, so the children of gymnasium's `AsyncVectorEnv` or
+Stable-Baselines3's `SubprocVecEnv` only find labkit's envs with the id form that names the module
+registering them, `gym.make("labkit.envs:labkit/Detour-v0")`.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ TASKS = {
     "labkit/PushT-v0": ("labkit.envs.pusht:PushTEnv", "labkit.envs.pusht:PushTExpert", 300),
     "labkit/PegInsert-v0": ("labkit.envs.peg:PegInsertEnv", "labkit.envs.peg:PegInsertExpert", 60),
     "labkit/ArmPickCube-v0": ("labkit.envs.arm:ArmPickCubeEnv", "labkit.envs.arm:ArmPickCubeExpert", 300),
+    # The canonical PushT (gym-pusht, the `pusht` extra) behind labkit's contract; 300 steps as gym-pusht.
+    "labkit/GymPushT-v0": ("labkit.envs.gym_pusht:GymPushTEnv", "labkit.envs.gym_pusht:GymPushTExpert", 300),
 }
 
 for _id, (_entry, _expert, _steps) in TASKS.items():

@@ -281,32 +281,42 @@ class PushTEnv(MujocoTask):
         mujoco.mj_forward(self.model, self.data)
 
 
-def signed_distance(local: np.ndarray) -> np.ndarray:
-    """Signed distance from points (in the T's frame) to the T's boundary; negative inside."""
+def signed_distance(local: np.ndarray, bar=BAR, stem=STEM) -> np.ndarray:
+    """Signed distance from points (in the T's frame) to the T's boundary; negative inside.
+    `bar`, `stem`: another T's parts as (centre, half-size), bar on top (gym-pusht's has a shorter stem)."""
     local = np.atleast_2d(local)
     dists = []
-    for c, h in (BAR, STEM):
+    for c, h in (bar, stem):
         q = np.abs(local - c) - h
         outside = np.linalg.norm(np.maximum(q, 0), axis=1)
         dists.append(outside + np.minimum(q.max(axis=1), 0))
     return np.minimum(*dists)
 
 
-def _contact_candidates(spacing: float = 0.005) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _t_corners(bar=BAR, stem=STEM) -> tuple[float, float, float, float, float]:
+    """The numbers that place a T's edges: bar half-width, bar top, bar bottom (where the stem
+    starts), stem half-width, stem tip (with labkit's T: 0.06, 0.0525, 0.0225, 0.015, -0.0975)."""
+    (bc, bh), (sc, sh) = bar, stem
+    return bh[0], bc[1] + bh[1], bc[1] - bh[1], sh[0], sc[1] - sh[1]
+
+
+def _contact_candidates(spacing: float = 0.005, bar=BAR, stem=STEM,
+                        pusher_r: float = PUSHER_R) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Points on the T's boundary the pusher can reach, their outward normals and which part
     (0 = bar, 1 = stem) they lie on. Points too close to a corner, or inside the notches under
     the bar where the round pusher would touch two faces, are left out."""
     m = 0.004  # margin from convex corners
-    reach = PUSHER_R + 0.002  # how far from a concave corner the pusher's centre can come
+    reach = pusher_r + 0.002  # how far from a concave corner the pusher's centre can come
+    bw, top, low, sw, tip = _t_corners(bar, stem)
     edges = [  # (start, end, normal, part)
-        ((-0.06 + m, 0.0525), (0.06 - m, 0.0525), (0, 1), 0),
-        ((-0.06, 0.0225 + m), (-0.06, 0.0525 - m), (-1, 0), 0),
-        ((0.06, 0.0225 + m), (0.06, 0.0525 - m), (1, 0), 0),
-        ((-0.06 + m, 0.0225), (-0.015 - reach - PUSHER_R, 0.0225), (0, -1), 0),
-        ((0.015 + reach + PUSHER_R, 0.0225), (0.06 - m, 0.0225), (0, -1), 0),
-        ((-0.015, -0.0975 + m), (-0.015, 0.0225 - reach - PUSHER_R), (-1, 0), 1),
-        ((0.015, -0.0975 + m), (0.015, 0.0225 - reach - PUSHER_R), (1, 0), 1),
-        ((-0.015 + m, -0.0975), (0.015 - m, -0.0975), (0, -1), 1),
+        ((-bw + m, top), (bw - m, top), (0, 1), 0),
+        ((-bw, low + m), (-bw, top - m), (-1, 0), 0),
+        ((bw, low + m), (bw, top - m), (1, 0), 0),
+        ((-bw + m, low), (-sw - reach - pusher_r, low), (0, -1), 0),
+        ((sw + reach + pusher_r, low), (bw - m, low), (0, -1), 0),
+        ((-sw, tip + m), (-sw, low - reach - pusher_r), (-1, 0), 1),
+        ((sw, tip + m), (sw, low - reach - pusher_r), (1, 0), 1),
+        ((-sw + m, tip), (sw - m, tip), (0, -1), 1),
     ]
     pts, normals, parts = [], [], []
     for a, b, n, part in edges:
@@ -317,11 +327,12 @@ def _contact_candidates(spacing: float = 0.005) -> tuple[np.ndarray, np.ndarray,
     return np.array(pts), np.array(normals, float), np.array(parts)
 
 
-def _ring(n: int = 180, clearance: float = PUSHER_R + 0.008) -> np.ndarray:
+def _ring(n: int = 180, clearance: float = PUSHER_R + 0.008, bar=BAR, stem=STEM) -> np.ndarray:
     """Radius, at n angles about the centroid, of a closed path that keeps the pusher clear of
     the block: the T's convex hull grown by `clearance` (found by bisection along each ray)."""
-    hull = np.array([[-0.06, 0.0525], [0.06, 0.0525], [0.06, 0.0225],  # corners of the T's convex hull
-                     [0.015, -0.0975], [-0.015, -0.0975], [-0.06, 0.0225]])  # fmt: skip
+    bw, top, low, sw, tip = _t_corners(bar, stem)
+    hull = np.array([[-bw, top], [bw, top], [bw, low],  # corners of the T's convex hull
+                     [sw, tip], [-sw, tip], [-bw, low]])  # fmt: skip
     edges = np.roll(hull, -1, axis=0) - hull
 
     def dist_to_hull(q):  # distance from points outside the hull to it
@@ -335,7 +346,7 @@ def _ring(n: int = 180, clearance: float = PUSHER_R + 0.008) -> np.ndarray:
     for _ in range(40):
         mid = (lo + hi) / 2
         q = dirs * mid[:, None]
-        outside = (dist_to_hull(q) >= clearance) & (signed_distance(q) > 0)
+        outside = (dist_to_hull(q) >= clearance) & (signed_distance(q, bar, stem) > 0)
         lo, hi = np.where(outside, lo, mid), np.where(outside, mid, hi)
     return hi
 
@@ -343,12 +354,13 @@ def _ring(n: int = 180, clearance: float = PUSHER_R + 0.008) -> np.ndarray:
 RING = _ring()
 
 
-def ring(angle: float) -> np.ndarray:
-    """The point of the safe ring round the block (block frame) at `angle`, interpolated."""
-    n = len(RING)
+def ring(angle: float, radii: np.ndarray = RING) -> np.ndarray:
+    """The point of the safe ring round the block (block frame) at `angle`, interpolated.
+    `radii`: another T's ring (`_ring(bar=..., stem=...)`)."""
+    n = len(radii)
     k = (angle + np.pi) / (2 * np.pi) * n
     i, frac = int(np.floor(k)) % n, k - np.floor(k)
-    r = RING[i] * (1 - frac) + RING[(i + 1) % n] * frac
+    r = radii[i] * (1 - frac) + radii[(i + 1) % n] * frac
     return r * np.array([np.cos(angle), np.sin(angle)])
 
 
@@ -365,9 +377,15 @@ class PushTExpert:
     Two strategies, drawn ~50/50 per episode (`self.mode`): "bar" favours contacts on the T's bar,
     "stem" favours the stem (and each circles the block its own way when both ways are equally
     long). Both succeed; together they make the demonstrations multimodal.
+
+    Another PushT (gym-pusht's: `labkit.envs.gym_pusht`) reuses the plan by giving its own geometry
+    (the class attributes below, in metres, the T's frame at its centre of mass with the bar on top)
+    and its own `_observe` / `_command`.
     """
 
     MODES = ("bar", "stem")
+    BAR, STEM, PUSHER_R, TARGET, WORKSPACE = BAR, STEM, PUSHER_R, TARGET, WORKSPACE
+    RADII = RING  # the safe ring round this T (`_ring`)
     RHO = 0.07  # limit-surface radius: rotation per unit moment (m), measured in this model
     L = 0.06  # length that weighs angle error against position error (m)
     DEPTHS = np.geomspace(0.002, 0.15, 16)  # pusher travels considered for one push (m)
@@ -384,7 +402,7 @@ class PushTExpert:
         self.env = env.unwrapped
         self.noise, self.max_step, self.max_push = noise, max_step, max_push
         self.preference, self.switch = preference, switch
-        self.cand, self.normals, self.parts = _contact_candidates()
+        self.cand, self.normals, self.parts = _contact_candidates(bar=self.BAR, stem=self.STEM, pusher_r=self.PUSHER_R)
         # Block motion (body frame) per metre of pusher travel through each contact.
         f = -self.normals
         m = self.cand[:, 0] * f[:, 1] - self.cand[:, 1] * f[:, 0]
@@ -398,6 +416,18 @@ class PushTExpert:
         self.current: int | None = None  # index of the contact being approached or pushed
         self.pushing = False  # lined up behind the current contact and pushing through it
 
+    # ---- what the expert reads and commands (overridden for another PushT) ----------------------
+    def _observe(self) -> tuple[np.ndarray, np.ndarray]:
+        """The block's pose (x, y, angle) and the pusher's position, in metres, world frame."""
+        return self.env.block_pose(), self.env.pusher_pos()
+
+    def _command(self, target: np.ndarray) -> np.ndarray:
+        """A world-frame pusher target (metres, inside the workspace) as the env's action."""
+        return self.env.to_env_frame(target).astype(np.float32)
+
+    def _sd(self, local: np.ndarray) -> np.ndarray:
+        return signed_distance(local, self.BAR, self.STEM)
+
     # ---- the plan ------------------------------------------------------------------------------
     def _gains(self, pose: np.ndarray) -> np.ndarray:
         """Predicted drop of the weighted pose error after pushing each contact (rows) by each of
@@ -409,11 +439,11 @@ class PushTExpert:
         vx, vy = self.v[:, :1] * self.DEPTHS, self.v[:, 1:] * self.DEPTHS
         dx, dy = a * vx - b * vy, b * vx + a * vy  # body-frame displacement
         c, s = np.cos(pose[2]), np.sin(pose[2])
-        ex = TARGET[0] - pose[0] - (c * dx - s * dy)
-        ey = TARGET[1] - pose[1] - (s * dx + c * dy)
-        et = np.angle(np.exp(1j * (TARGET[2] - pose[2] - th)))
+        ex = self.TARGET[0] - pose[0] - (c * dx - s * dy)
+        ey = self.TARGET[1] - pose[1] - (s * dx + c * dy)
+        et = np.angle(np.exp(1j * (self.TARGET[2] - pose[2] - th)))
         e0 = np.hypot(
-            np.hypot(*(TARGET[:2] - pose[:2])), self.L * np.angle(np.exp(1j * (TARGET[2] - pose[2])))
+            np.hypot(*(self.TARGET[:2] - pose[:2])), self.L * np.angle(np.exp(1j * (self.TARGET[2] - pose[2])))
         )
         return e0 - np.sqrt(ex**2 + ey**2 + (self.L * et) ** 2)
 
@@ -421,19 +451,18 @@ class PushTExpert:
         """Rough number of steps to walk from `p` to each goal (block frame) without touching."""
         ts = np.linspace(0, 1, 8)[None, :, None]
         path = p + ts * (goals - p)[:, None]
-        clear = (signed_distance(path.reshape(-1, 2)) > PUSHER_R + 0.003).reshape(len(goals), -1).all(1)
+        clear = (self._sd(path.reshape(-1, 2)) > self.PUSHER_R + 0.003).reshape(len(goals), -1).all(1)
         straight = np.linalg.norm(goals - p, axis=1)
         turn = np.abs(np.angle(np.exp(1j * (np.arctan2(goals[:, 1], goals[:, 0]) - np.arctan2(p[1], p[0])))))
         around = 0.1 * turn + 0.04
         return np.where(clear, straight, around) / self.max_step + 1
 
     def __call__(self, obs) -> np.ndarray:
-        pose = self.env.block_pose()
-        pusher = self.env.pusher_pos()
+        pose, pusher = self._observe()
         p_local = to_local(pose, pusher)
-        approach = self.cand + self.normals * (PUSHER_R + 0.006)
+        approach = self.cand + self.normals * (self.PUSHER_R + 0.006)
         # Contacts whose approach point lies outside the workspace cannot be used.
-        valid = np.all(np.abs(to_world(pose, approach)) < WORKSPACE - 0.005, axis=1)
+        valid = np.all(np.abs(to_world(pose, approach)) < self.WORKSPACE - 0.005, axis=1)
         steps = self._travel_steps(p_local, approach)
         if self.pushing:
             steps[self.current] = 1
@@ -454,10 +483,10 @@ class PushTExpert:
         # Start pushing when lined up behind the contact; keep pushing while the pusher stays near it
         # (it slides a little along the edge as the block turns).
         tol = 0.01 if self.pushing else 0.004
-        self.pushing = abs(s) < tol and PUSHER_R - 0.006 < d < PUSHER_R + 0.015
+        self.pushing = abs(s) < tol and self.PUSHER_R - 0.006 < d < self.PUSHER_R + 0.015
         if self.pushing:  # push through the contact along the inward normal, slower near the goal
             step = np.clip(0.5 * self.DEPTHS[np.argmax(gains[i])], 0.001, self.max_push)
-            target_local = c + n * (PUSHER_R - 0.002 - step)
+            target_local = c + n * (self.PUSHER_R - 0.002 - step)
         else:
             target_local = self._navigate(p_local, approach[i])
         target = to_world(pose, target_local[None])[0] + self.rng.normal(0, self.noise, 2)
@@ -466,7 +495,7 @@ class PushTExpert:
         dist = np.linalg.norm(delta)
         if dist > 0.025:
             target = pusher + delta * 0.025 / dist
-        return self.env.to_env_frame(np.clip(target, -WORKSPACE, WORKSPACE)).astype(np.float32)
+        return self._command(np.clip(target, -self.WORKSPACE, self.WORKSPACE))
 
     def _navigate(self, p: np.ndarray, goal: np.ndarray) -> np.ndarray:
         """Next pusher target (block frame) on the way to `goal`: straight there when the way is
@@ -474,17 +503,17 @@ class PushTExpert:
         delta = goal - p
         dist = np.linalg.norm(delta)
         path = p + np.linspace(0, 1, 12)[:, None] * delta
-        if dist < 0.005 or np.all(signed_distance(path) > PUSHER_R + 0.003):
+        if dist < 0.005 or np.all(self._sd(path) > self.PUSHER_R + 0.003):
             return p + delta * min(1.0, self.max_step / max(dist, 1e-9))
-        d = signed_distance(p)[0]
-        if d < PUSHER_R + 0.005:  # touching the block: back off first, so as not to drag it along
+        d = self._sd(p)[0]
+        if d < self.PUSHER_R + 0.005:  # touching the block: back off first, so as not to drag it along
             eps = 1e-4
-            g = np.array([signed_distance(p + [eps, 0])[0] - d, signed_distance(p + [0, eps])[0] - d])
-            return p + g / (np.linalg.norm(g) + 1e-12) * (PUSHER_R + 0.008 - d)
+            g = np.array([self._sd(p + [eps, 0])[0] - d, self._sd(p + [0, eps])[0] - d])
+            return p + g / (np.linalg.norm(g) + 1e-12) * (self.PUSHER_R + 0.008 - d)
         a_p, a_g = np.arctan2(p[1], p[0]), np.arctan2(goal[1], goal[0])
         turn = np.arctan2(np.sin(a_g - a_p), np.cos(a_g - a_p))
         if abs(abs(turn) - np.pi) < 0.3:  # about as far either way: the strategy decides
             turn = 1.0 if self.mode == "bar" else -1.0
         radius = max(np.linalg.norm(p), 0.03)
         a_next = a_p + np.sign(turn) * min(abs(turn), 1.5 * self.max_step / radius)
-        return ring(a_next)
+        return ring(a_next, self.RADII)
