@@ -151,7 +151,8 @@ def assert_fails_at(executed: nbformat.NotebookNode, stub: int, label: str, next
     later cell that calls it (its check), but before the next exercise; every code cell before the
     failing one ran without error."""
     failed = failing_cell_index(executed)
-    upper = next_stub if next_stub is not None else stub + 1
+    # a lesson with one exercise: its check may sit anywhere after it
+    upper = next_stub if next_stub is not None else len(source_cells(executed))
     assert failed is not None and stub <= failed < upper, (
         f"{label}: first error in cell {failed}, expected the first exercise (cell {stub}) or its check "
         f"(before cell {upper}). Make sure the cells before the exercise run and the check follows it."
