@@ -366,7 +366,7 @@ def test_full_results_render_into_the_readme_block(tmp_path):
     from labkit.teach.full import BEGIN, END, readme_block, render, update_readme
 
     data = {"01_bc": {"date": "2026-12-03", "machine": "a CPU, 2 cores, Linux", "minutes": 2.14,
-                      "parameters": {"FAST": False, "SEED": 0},
+                      "cpu_minutes": 1.96, "parameters": {"FAST": False, "SEED": 0},
                       "metrics": {"detour_bc_success": 0.0, "frames": 1200, "curve": [0.5, 0.25]}}}
     readme = tmp_path / "README.md"
     readme.write_text(f"# x\n\nbefore\n{BEGIN}\nstale\n{END}\nafter\n")
@@ -375,7 +375,9 @@ def test_full_results_render_into_the_readme_block(tmp_path):
     assert text.startswith("# x\n\nbefore\n") and text.endswith("after\n") and "stale" not in text
     block = readme_block(text)
     assert block == render(data)
-    assert "| `01_bc` | 2026-12-03 | 2.1 |" in block and "`detour_bc_success` = 0" in block and "[0.5, 0.25]" in block
+    assert "| `01_bc` | 2026-12-03 | 2.1 | 2.0 |" in block and "`detour_bc_success` = 0" in block and "[0.5, 0.25]" in block
+    del data["01_bc"]["cpu_minutes"]  # entries from before CPU minutes were recorded
+    assert "| 2.1 | not recorded |" in render(data)
     readme.write_text("# no markers\n")
     with pytest.raises(ValueError, match="no generated results block"):
         update_readme(readme, data)

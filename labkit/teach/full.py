@@ -18,6 +18,7 @@ import datetime
 import json
 import os
 import platform
+import resource
 import sys
 import time
 from pathlib import Path
@@ -53,20 +54,28 @@ def run(lessons: list[Path], results: Path = RESULTS, executed: Path = EXECUTED,
     for lesson in lessons:
         metrics_file = executed / f"{lesson.stem}.metrics.json"
         metrics_file.unlink(missing_ok=True)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), _children_cpu()
         os.environ[ENV_VAR] = str(metrics_file.resolve())  # the kernel inherits it: record() writes there
         try:
             execute(lesson, executed / lesson.name, dict(parameters or {"FAST": False, "SEED": 0}), timeout=3600)
         finally:
             os.environ.pop(ENV_VAR, None)
         minutes = (time.perf_counter() - start) / 60
+        # CPU minutes of the kernel (a waited-for child): on a shared machine wall minutes inflate, these do not.
+        cpu_minutes = (_children_cpu() - cpu_start) / 60
         data[lesson.stem] = {"date": datetime.date.today().isoformat(), "machine": machine(),
-                             "minutes": round(minutes, 1), "parameters": parameters or {"FAST": False, "SEED": 0},
+                             "minutes": round(minutes, 1), "cpu_minutes": round(cpu_minutes, 1),
+                             "parameters": parameters or {"FAST": False, "SEED": 0},
                              "metrics": load_metrics(metrics_file) if metrics_file.exists() else {}}
         results.parent.mkdir(parents=True, exist_ok=True)
         results.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")  # after each lesson: nothing lost
-        print(f"{lesson.stem}: {minutes:.1f} min, {len(data[lesson.stem]['metrics'])} metrics")
+        print(f"{lesson.stem}: {minutes:.1f} min ({cpu_minutes:.1f} CPU-min), {len(data[lesson.stem]['metrics'])} metrics")
     return data
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _fmt(value) -> str:
@@ -81,11 +90,13 @@ def render(data: dict) -> str:
     """The README block for results `data`: one row per lesson, its metrics as name = value."""
     if not data:
         return "`make full` has not been run on this checkout yet: no full-mode results are recorded."
-    rows = ["| Lesson | Date | Minutes | Machine | Recorded metrics (full mode, SEED=0) |", "|---|---|---:|---|---|"]
+    rows = ["| Lesson | Date | Minutes | CPU minutes | Machine | Recorded metrics (full mode, SEED=0) |",
+            "|---|---|---:|---:|---|---|"]
     for name in sorted(data):
         e = data[name]
         metrics = "; ".join(f"`{k}` = {_fmt(v)}" for k, v in sorted(e["metrics"].items()))
-        rows.append(f"| `{name}` | {e['date']} | {e['minutes']:.1f} | {e['machine']} | {metrics} |")
+        cpu = f"{e['cpu_minutes']:.1f}" if "cpu_minutes" in e else "not recorded"
+        rows.append(f"| `{name}` | {e['date']} | {e['minutes']:.1f} | {cpu} | {e['machine']} | {metrics} |")
     return "\n".join(rows)
 
 
