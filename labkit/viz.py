@@ -77,7 +77,9 @@ def success_bars(results: dict, ax=None, title: str | None = None):
     rates = np.array([results[n].success_rate for n in names])
     lo = np.array([results[n].interval[0] for n in names])
     hi = np.array([results[n].interval[1] for n in names])
-    ax.bar(names, rates, yerr=[rates - lo, hi - rates], capsize=4, color="tab:blue", alpha=0.8)
+    # Clipped: at 0% or 100% the Wilson bound can round a hair past the rate, and matplotlib refuses
+    # negative error bars.
+    ax.bar(names, rates, yerr=[np.clip(rates - lo, 0, None), np.clip(hi - rates, 0, None)], capsize=4, color="tab:blue", alpha=0.8)
     for i, n in enumerate(names):
         ax.text(i, min(hi[i] + 0.03, 1.02), f"{rates[i]:.0%}\n(n={results[n].episodes})", ha="center", fontsize=8)
     ax.set_ylim(0, 1.15)

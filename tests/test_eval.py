@@ -126,3 +126,24 @@ def test_evaluate_is_seeded_and_leaves_the_callers_rng_alone():
     assert coverage(a) == coverage(b)  # the default seeds are the evaluation seeds, and torch is seeded
     c = evaluate(policy, "labkit/PushT-v0", episodes=2, num_envs=2, seed=EVAL_SEED + 1, progress=False)
     assert coverage(c) != coverage(a)
+
+
+def test_success_bars_draw_at_zero_and_full_success():
+    """At 0% and 100% the Wilson bound may sit a rounding error past the rate: the plot must not refuse it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from labkit.eval import EvalResult
+    from labkit.viz import success_bars
+
+    def result(n_success, n):
+        ok = np.arange(n) < n_success
+        return EvalResult("x", n, ok, ok.astype(float), np.ones(n), [{}] * n)
+
+    fig, ax = plt.subplots()
+    success_bars({"all": result(106, 106), "none": result(0, 100), "some": result(30, 100)}, ax=ax)
+    heights = [p.get_height() for p in ax.patches]
+    plt.close(fig)
+    assert heights == pytest.approx([1.0, 0.0, 0.3])
