@@ -21,8 +21,12 @@ TASKS = {
     "labkit/PushT-v0": ("labkit.envs.pusht:PushTEnv", "labkit.envs.pusht:PushTExpert", 300),
     "labkit/PegInsert-v0": ("labkit.envs.peg:PegInsertEnv", "labkit.envs.peg:PegInsertExpert", 60),
     "labkit/ArmPickCube-v0": ("labkit.envs.arm:ArmPickCubeEnv", "labkit.envs.arm:ArmPickCubeExpert", 300),
+    "labkit/Tabletop-v0": ("labkit.envs.tabletop:TabletopEnv", "labkit.envs.tabletop:TabletopExpert", 80),
     # The canonical PushT (gym-pusht, the `pusht` extra) behind labkit's contract; 300 steps as gym-pusht.
     "labkit/GymPushT-v0": ("labkit.envs.gym_pusht:GymPushTEnv", "labkit.envs.gym_pusht:GymPushTExpert", 300),
+    # Memory tasks (lesson 13): a cue shown early then hidden; a locked door to remember after a failed try.
+    "labkit/Cups-v0": ("labkit.envs.cups:CupsEnv", "labkit.envs.cups:CupsExpert", 60),
+    "labkit/Doors-v0": ("labkit.envs.doors:DoorsEnv", "labkit.envs.doors:DoorsExpert", 90),
 }
 
 for _id, (_entry, _expert, _steps) in TASKS.items():
