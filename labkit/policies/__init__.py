@@ -13,17 +13,21 @@ import torch
 from labkit.policies.advantage import AdvantageFlowConfig, AdvantageFlowPolicy
 from labkit.policies.base import Policy, PolicyConfig
 from labkit.policies.bc import BCConfig, BCPolicy
+from labkit.policies.cotrain import CotrainConfig, CotrainPolicy  # lessons 13-14: for load_policy
 from labkit.policies.diffusion import DiffusionConfig, DiffusionPolicy
 from labkit.policies.flow import FlowConfig, FlowPolicy
 from labkit.policies.generative import GenerativeConfig, GenerativePolicy, SampleResult
+from labkit.policies.memory import ShortMemoryConfig, ShortMemoryPolicy
 from labkit.policies.postbc import PostBCDiffusionPolicy, PostBCFlowPolicy
+from labkit.policies.tokens import FastTokenizer, TokenConfig, TokenPolicy
 from labkit.policies.train import fit
 from labkit.training import read_checkpoint
 
 __all__ = ["Policy", "PolicyConfig", "load_policy", "policy_from_checkpoint", "AdvantageFlowConfig",
            "AdvantageFlowPolicy", "BCConfig", "BCPolicy", "DiffusionConfig",
            "DiffusionPolicy", "FlowConfig", "FlowPolicy", "GenerativeConfig", "GenerativePolicy", "SampleResult",
-           "PostBCDiffusionPolicy", "PostBCFlowPolicy",
+           "PostBCDiffusionPolicy", "PostBCFlowPolicy", "FastTokenizer", "TokenConfig", "TokenPolicy",
+           "CotrainConfig", "CotrainPolicy", "ShortMemoryConfig", "ShortMemoryPolicy",
            "fit"]
 
 

@@ -12,7 +12,6 @@ dataset's episodes for training, and `MemoryRuntime` keeps the log at run time a
 the policy it wraps, so the policy and its runtime contract stay those of every labkit policy (a
 checkpoint holds the policy; the write/read functions are code, given again to `MemoryRuntime`).
 The baselines are `BCPolicy` with `obs_horizon=1` (no memory) and `obs_horizon=k` (a frame stack).
-`labkit.policies` does not import this module: import it before `load_policy` of a `ShortMemoryPolicy`.
 """
 
 from __future__ import annotations
