@@ -285,3 +285,15 @@ def test_lesson_lint(name):
     problems = scan(SOLUTIONS / f"{name}.ipynb")
     assert not problems, f"{name}:\n" + "\n".join(f"  cell {i}: {what}" for i, what in problems) + (
         "\n(rule: labkit/teach/lint.py; `python -m labkit.teach.lint solutions/*.ipynb` lists them)")
+
+
+@pytest.mark.parametrize("name", SOLUTION_NAMES)
+def test_solution_cell_ids_follow_positions(name):
+    """`labkit grade` puts the solution's tests back into a student copy by cell id, and student ids are
+    derived from positions: a solution cell inserted with its own id makes grading fail on that lesson."""
+    from labkit.teach.student import cell_id
+
+    nb = nbformat.read(SOLUTIONS / f"{name}.ipynb", as_version=4)
+    off = [i for i, c in enumerate(nb.cells) if c.get("id") != cell_id(name, i)]
+    assert not off, (f"{name}: cells {off} have ids that are not cell_id('{name}', index); renumber them: "
+                     "for i, c in enumerate(nb.cells): c.id = labkit.teach.student.cell_id(name, i)")
