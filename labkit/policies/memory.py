@@ -17,6 +17,7 @@ The baselines are `BCPolicy` with `obs_horizon=1` (no memory) and `obs_horizon=k
 from __future__ import annotations
 
 import copy
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -203,29 +204,36 @@ class ShortMemoryPolicy(Policy):
         return (err * keep).sum() / keep.sum().clamp(min=1.0)
 
 
+class _Timed:
+    """`policy` with the wall time of its `select_action` calls summed (everything else handed on)."""
+
+    def __init__(self, policy):
+        self.policy, self.spent, self.calls = policy, 0.0, 0
+
+    def __getattr__(self, name):  # data_env, config, ...: the wrapped policy's
+        return getattr(self.policy, name)
+
+    def reset(self) -> None:
+        self.policy.reset()
+
+    def select_action(self, obs):
+        start = time.perf_counter()
+        action = self.policy.select_action(obs)
+        self.spent, self.calls = self.spent + time.perf_counter() - start, self.calls + 1
+        return action
+
+
 def step_ms(policy, env_id: str, steps: int = 200, seed: int = 1000) -> float:
     """Inference cost: mean wall milliseconds of one `select_action` on one env's observations (chunk
-    predictions amortised over the actions executed from each), over `steps` steps of a rollout."""
-    import time
+    predictions amortised over the actions executed from each), over whole episodes of at least `steps`
+    steps in all, rolled out one env at a time by labkit's rollout engine."""
+    from labkit.eval import rollout
 
-    import gymnasium as gym
-
-    import labkit.envs  # noqa: F401
-
-    env = gym.make(env_id)
-    obs, _ = env.reset(seed=seed)
-    policy.reset()
-    spent = 0.0
-    for _ in range(steps):
-        t = time.perf_counter()
-        action = policy.select_action(obs)
-        spent += time.perf_counter() - t
-        obs, _, term, trunc, _ = env.step(action)
-        if term or trunc:
-            obs, _ = env.reset(seed=seed)
-            policy.reset()
-    env.close()
-    return 1000.0 * spent / steps
+    timed = _Timed(policy)
+    while timed.calls < steps:
+        rollout(timed, env_id, [seed], num_envs=1)
+        seed += 1
+    return 1000.0 * timed.spent / timed.calls
 
 
 __all__ = ["CUPS_EVENTS", "DOORS_EVENTS", "EVENTS_KEY", "EventMemory", "MemoryRuntime", "ShortMemoryConfig",
