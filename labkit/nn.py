@@ -62,8 +62,18 @@ class TimeEmbedding(nn.Module):
         return self.net(sinusoidal_embedding(t, self.dim))
 
 
+def film(h: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+    """Feature-wise linear modulation: params = [scale, shift] (each as wide as h) from the conditioning;
+    h * (1 + scale) + shift, so zero params leave h as it is."""
+    scale, shift = params.chunk(2, dim=-1)
+    return h * (1 + scale) + shift
+
+
 class FiLMBlock(nn.Module):
-    """Residual MLP block whose hidden features are scaled and shifted by the conditioning (FiLM)."""
+    """Residual MLP block whose hidden features are scaled and shifted by the conditioning (FiLM).
+    `modulate` (default `film`) is what a lesson replaces with the student's function."""
+
+    modulate = None
 
     def __init__(self, hidden: int, cond_dim: int, act: type[nn.Module] = nn.Mish):
         super().__init__()
@@ -74,8 +84,7 @@ class FiLMBlock(nn.Module):
         nn.init.zeros_(self.film.bias)
 
     def forward(self, h: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        scale, shift = self.film(cond).chunk(2, dim=-1)
-        y = self.fc1(self.act(h)) * (1 + scale) + shift
+        y = (self.modulate or film)(self.fc1(self.act(h)), self.film(cond))
         return h + self.fc2(self.act(y))
 
 

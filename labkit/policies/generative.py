@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from labkit.nn import EMA, activation, make_denoiser
+from labkit.nn import EMA, FiLMBlock, activation, make_denoiser
 from labkit.policies.base import Policy, PolicyConfig
 from labkit.vision import ObsEncoder
 
@@ -99,10 +99,20 @@ class GenerativePolicy(Policy):
     sampler: Callable | None = None
 
     @classmethod
-    def from_dataset(cls, dataset, env: dict | None = None, sampler: Callable | None = None, **config):
-        """`Policy.from_dataset`, sampling with a lesson's `sampler` when one is given."""
+    def from_dataset(cls, dataset, env: dict | None = None, sampler: Callable | None = None,
+                     film: Callable | None = None, **config):
+        """`Policy.from_dataset`, sampling with a lesson's `sampler` when one is given, and modulating
+        every FiLM block with a lesson's `film(h, params) -> h'` (labkit.nn.film's contract) if given."""
         policy = super().from_dataset(dataset, env, **config)
         policy.sampler = sampler
+        if film is not None:
+            if not callable(film):
+                raise TypeError(f"film must be a function (h, params) -> h, got {type(film).__name__}")
+            blocks = [m for m in policy.modules() if isinstance(m, FiLMBlock)]  # the EMA copy's too
+            if not blocks:
+                raise ValueError("film= needs FiLM conditioning (backbone='mlp', cond='film')")
+            for m in blocks:
+                m.modulate = film
         return policy
 
     def __init__(self, config, shapes, stats, env=None):

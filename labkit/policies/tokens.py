@@ -24,6 +24,7 @@ step (no key-value cache): H * A forward passes of a short sequence per chunk.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -56,13 +57,17 @@ def dct_matrix(n: int, dtype=torch.float32) -> torch.Tensor:
 class FastTokenizer:
     """Normalised chunks [..., H, A] (values in [-1, 1]) <-> token ids [..., H * A] in [0, vocab)."""
 
-    def __init__(self, horizon: int, action_dim: int, scale: float = 10.0):
+    def __init__(self, horizon: int, action_dim: int, scale: float = 10.0, dct: Callable | None = None):
         if horizon < 1 or action_dim < 1:
             raise ValueError(f"horizon and action_dim must be >= 1, got {horizon}, {action_dim}")
         if not (math.isfinite(scale) and scale > 0):
             raise ValueError(f"scale must be a finite number > 0 (quantisation step 1/scale), got {scale}")
         self.horizon, self.action_dim, self.scale = int(horizon), int(action_dim), float(scale)
-        self.D = dct_matrix(self.horizon)
+        # `dct(n) -> [n, n]` is what a lesson hands in (the student's DCT matrix); labkit's by default.
+        self.D = torch.as_tensor((dct or dct_matrix)(self.horizon), dtype=torch.float32)
+        if tuple(self.D.shape) != (self.horizon, self.horizon):
+            raise TokenizerError(f"dct({self.horizon}) must be a {self.horizon}x{self.horizon} matrix, got "
+                                 f"{tuple(self.D.shape)}")
         # |C| <= ||a||_2 <= sqrt(H) for a chunk in [-1, 1]: every coefficient of normalised data fits.
         self.max_int = math.ceil(math.sqrt(self.horizon) * self.scale)
         self.vocab = 2 * self.max_int + 1
@@ -161,6 +166,15 @@ class TokenPolicy(Policy):
     """Observation (and conditioning) prefix -> the chunk's FAST tokens, one at a time (a causal transformer)."""
 
     config_class = TokenConfig
+
+    @classmethod
+    def from_dataset(cls, dataset, env: dict | None = None, dct: Callable | None = None, **config):
+        """`Policy.from_dataset`, tokenizing with a lesson's `dct(n) -> [n, n]` matrix when one is given."""
+        policy = super().from_dataset(dataset, env, **config)
+        if dct is not None:
+            c = policy.config
+            policy.tokenizer = FastTokenizer(c.horizon, policy.action_dim, c.scale, dct=dct)
+        return policy
 
     def __init__(self, config, shapes, stats, env=None):
         super().__init__(config, shapes, stats, env)
