@@ -303,7 +303,8 @@ def record(env: str | gym.Env, policy: Any, root: str | Path, episodes: int, see
 
     `policy` is a labkit policy (`select_action(obs)` + `reset()`) or a callable `obs -> action`
     with an optional `reset(seed=...)`, such as `labkit.envs.expert(env)`. Episode i resets the
-    env and the policy with `seed + i`, so a dataset is reproducible from its info.json.
+    env and the policy with `seed + i`, so a dataset is reproducible from its info.json. An env that
+    names each episode's task in `info["task"]` (a string) has it stored per episode instead of `task`.
     """
     from tqdm.auto import tqdm
 
@@ -340,7 +341,10 @@ def record(env: str | gym.Env, policy: Any, root: str | Path, episodes: int, see
                     success = bool(info.get("is_success", False))
                     rec.add_frame(obs, action, reward, done, success)
                     obs, steps = next_obs, steps + 1
-                rec.save_episode(success=success, seed=seed + i)
+                # A multi-task env names each episode's task (info["task"], e.g. Tabletop's instruction):
+                # it is stored per episode, as LeRobot records instructions, over the one label `task`.
+                said = info.get("task")
+                rec.save_episode(success=success, seed=seed + i, task=said if isinstance(said, str) else None)
                 successes += success
                 bar.set_postfix(success=f"{successes}/{i + 1}")
     finally:

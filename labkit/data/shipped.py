@@ -31,6 +31,9 @@ SHIPPED = {
     # The canonical PushT (gym-pusht, the `pusht` extra) in the interface of labkit's best PushT recipe:
     # block frame, relative actions (configs/flow_gym_pusht.yaml).
     "gym_pusht": ("labkit/GymPushT-v0", {"frame": "block", "actions": "relative"}, 200, 0),
+    # Twelve tasks by composition, an instruction per episode (LeRobot's `task` per frame, meta/tasks):
+    # the state without the task's code, the task drawn at each reset (lesson 12, labkit.language.steer).
+    "tabletop": ("labkit/Tabletop-v0", {"instruction": "text"}, 600, 0),
 }
 EVAL_SEED = 1000  # the first evaluation seed: every lesson, `evaluate` and `labkit eval` start here
 

@@ -19,6 +19,9 @@ Bodies (`embodiment=`), the same tasks, different kinematics, actions and viewpo
 
 Observation `state` (17-D, in the body's own frame): effector x, y, vx, vy; the three blocks' x, y
 (red, green, blue); the task code (3 colour + 4 corner one-hot). `proprio` (4-D): effector x, y, vx, vy.
+With `instruction="text"` the state stops at the blocks (10-D) and the task comes as what a person would
+type: `task` (int64 [1], the index of the sentence in TASKS), which a language-conditioned policy's
+runtime turns into words and embeds (labkit.language.steer); nothing in `state` says what to do.
 Success: the named block's centre within 4 cm of its corner's centre. 10 Hz control, 80 steps at most.
 """
 
@@ -35,6 +38,7 @@ ZONES = {"top-left": (-0.17, 0.17), "top-right": (0.17, 0.17), "bottom-left": (-
          "bottom-right": (0.17, -0.17)}
 TASKS = tuple(f"push the {c} block to the {z} corner" for c in COLOURS for z in ZONES)  # index = 4 * colour + zone
 EMBODIMENTS = ("robot", "human")
+INSTRUCTIONS = ("code", "text")  # how the task reaches the observation: a one-hot code in `state`, or `task`
 WORKSPACE = 0.25  # half-width of the square the robot's target may be in (m)
 ROBOT_STEP = 0.05  # m bound on each component of the robot's target offset
 BLOCK_R, ZONE_R, SUCCESS_R = 0.025, 0.05, 0.04
@@ -42,6 +46,25 @@ BODY_R = {"robot": 0.015, "human": 0.035}
 HUMAN_SPEED = 0.3  # m/s bound on each component of the hand's velocity command
 HUMAN_VIEW = (np.pi / 2, np.array([0.04, -0.03]))  # the hand camera's angle and origin in the world
 ARENA = 0.3
+ROBOT_SERVO = (400.0, 28.0, 0.5)  # the robot's position servo: stiffness (N/m), joint damping (N s/m), mass (kg)
+TOP_CAMERA = (0.8, 45.0)  # the top camera's height (m) and vertical field of view (degrees), looking straight down
+
+
+def to_pixel(xy, size: int = 64) -> np.ndarray:
+    """World points [..., 2] on the table -> the top camera's pixel (column u, row v) in a size x size
+    image: integers, row 0 at the top (+y), column 0 at the left (-x)."""
+    height, fovy = TOP_CAMERA
+    f = size / 2 / np.tan(np.radians(fovy) / 2) / (height - 0.012)  # pixels per metre at the blocks' height
+    xy = np.asarray(xy, np.float64)
+    return np.stack([np.floor(size / 2 + f * xy[..., 0]), np.floor(size / 2 - f * xy[..., 1])], -1).astype(int)
+
+
+def from_pixel(uv, size: int = 64) -> np.ndarray:
+    """The world point (m) at the centre of top-camera pixel (u, v): the inverse of `to_pixel`."""
+    height, fovy = TOP_CAMERA
+    f = size / 2 / np.tan(np.radians(fovy) / 2) / (height - 0.012)
+    uv = np.asarray(uv, np.float64) + 0.5
+    return np.stack([(uv[..., 0] - size / 2) / f, (size / 2 - uv[..., 1]) / f], -1)
 
 
 def task_index(task: str | int) -> int:
@@ -71,8 +94,9 @@ def _xml(embodiment: str) -> str:
     joints = '<joint name="ex" type="slide" axis="1 0 0" damping="{0}"/><joint name="ey" type="slide" axis="0 1 0" damping="{0}"/>'
     contact = 'contype="2" conaffinity="2" priority="1" friction=".2 .005 .0001"'
     if embodiment == "robot":  # PushT's pusher: a stiff position servo
-        body = joints.format(28) + f'<geom name="effector" type="cylinder" size="{r} .01" mass="0.5" rgba=".3 .3 .35 1" {contact}/>'
-        act = "".join(f'<position joint="{j}" kp="400" ctrlrange="-{WORKSPACE} {WORKSPACE}"/>' for j in ("ex", "ey"))
+        kp, damping, mass = ROBOT_SERVO
+        body = joints.format(damping) + f'<geom name="effector" type="cylinder" size="{r} .01" mass="{mass}" rgba=".3 .3 .35 1" {contact}/>'
+        act = "".join(f'<position joint="{j}" kp="{kp}" ctrlrange="-{WORKSPACE} {WORKSPACE}"/>' for j in ("ex", "ey"))
     else:  # a heavier hand tracking a velocity
         body = joints.format(1) + f'<geom name="effector" type="sphere" size="{r}" mass="1" rgba=".93 .76 .62 1" {contact}/>'
         act = '<velocity joint="ex" kv="40"/><velocity joint="ey" kv="40"/>'
@@ -89,7 +113,7 @@ def _xml(embodiment: str) -> str:
   <visual><quality shadowsize="0"/><global offwidth="640" offheight="640"/>
     <headlight ambient=".5 .5 .5" diffuse=".5 .5 .5" specular="0 0 0"/></visual>
   <worldbody>
-    <camera name="top" pos="0 0 0.8" xyaxes="1 0 0 0 1 0" fovy="45"/>
+    <camera name="top" pos="0 0 {TOP_CAMERA[0]}" xyaxes="1 0 0 0 1 0" fovy="{TOP_CAMERA[1]}"/>
     <camera name="hand" pos="{HUMAN_VIEW[1][0]} {HUMAN_VIEW[1][1]} 0.8" xyaxes="0 1 0 -1 0 0" fovy="45"/>
     <geom name="floor" type="plane" size="{ARENA} {ARENA} .05" rgba=".93 .93 .93 1" friction="0.5 0.005 0.0001"/>
     {zones}
@@ -109,8 +133,12 @@ class TabletopEnv(MujocoTask):
     proprio_dim = 4
 
     def __init__(self, *args, embodiment: str = "robot", task: str | int | None = None,
-                 tasks: list | tuple | None = None, **kwargs):
+                 tasks: list | tuple | None = None, instruction: str = "code", **kwargs):
         check_choice("embodiment", embodiment, EMBODIMENTS)
+        check_choice("instruction", instruction, INSTRUCTIONS)
+        self.instruction = instruction
+        if instruction == "text":  # the task leaves the state; it comes as `task` (an index into TASKS)
+            self.state_dim = TabletopEnv.state_dim - len(COLOURS) - len(ZONES)
         if task is not None and tasks is not None:
             raise ValueError("give task= (one task) or tasks= (a list to draw from at each reset), not both")
         if tasks is not None and (isinstance(tasks, str) or len(tasks) == 0):
@@ -128,6 +156,8 @@ class TabletopEnv(MujocoTask):
         self._ev = self.model.joint("ex").dofadr[0]
         self._bq = [self.model.joint(f"{c}x").qposadr[0] for c in COLOURS]
         self.task_index = self.allowed[0]
+        if instruction == "text":
+            self.observation_space["task"] = spaces.Box(0, len(TASKS) - 1, (1,), np.int64)
 
     @property
     def task(self) -> str:
@@ -183,8 +213,14 @@ class TabletopEnv(MujocoTask):
 
     def _state(self):
         vel = self.data.qvel[self._ev:self._ev + 2] @ self.view_rot
-        return np.concatenate([self.to_view(self.effector()), vel, self.to_view(self.blocks()).ravel(),
-                               task_code(self.task_index)])
+        code = task_code(self.task_index) if self.instruction == "code" else np.zeros(0)
+        return np.concatenate([self.to_view(self.effector()), vel, self.to_view(self.blocks()).ravel(), code])
+
+    def _obs(self):
+        obs = super()._obs()
+        if self.instruction == "text":
+            obs["task"] = np.array([self.task_index], np.int64)
+        return obs
 
     def _proprio(self):
         return np.concatenate([self.to_view(self.effector()), self.data.qvel[self._ev:self._ev + 2] @ self.view_rot])
@@ -211,24 +247,8 @@ class TabletopExpert:
 
     def __call__(self, obs) -> np.ndarray:
         env = self.env
-        p, (k, corner) = env.effector(), env.goal()
-        b = env.blocks()[k]
-        d = (corner - b) / max(np.linalg.norm(corner - b), 1e-8)
-        reach = BLOCK_R + BODY_R[env.embodiment]
-        contact = b - d * (reach + 0.005)
-        perp = np.array([-d[1], d[0]])
-        along, side = np.dot(p - b, d), np.dot(p - b, perp)  # the effector in the push line's frame
-        if along < -0.5 * reach and abs(np.dot(p - contact, perp)) < 0.012:  # behind, on the line: push
-            aim, step = b + d * 0.1 + perp * np.dot(contact - p, perp), 0.02
-        elif along < -0.8 * reach:  # behind the block: straight to the contact point
-            aim, step = contact, 0.025
-        else:  # beside or in front of it: round it, on the side the effector is on
-            s = 1.0 if side >= 0 else -1.0
-            clear = reach + 0.02
-            aim, step = (b + perp * s * clear + d * along if abs(side) < clear - 0.005 and along > 0
-                         else b + (perp * s - d) * clear), 0.025
-        move = aim - p
-        move = move / max(np.linalg.norm(move), 1e-8) * min(step, np.linalg.norm(move))
+        _, corner = env.goal()
+        move = expert_move(env.effector(), env.blocks()[env.goal()[0]], corner, BODY_R[env.embodiment])[0]
         move = move + self.rng.normal(0, self.noise, 2)
         if env.embodiment == "robot":
             return np.clip(move, -ROBOT_STEP, ROBOT_STEP).astype(np.float32)
@@ -236,12 +256,48 @@ class TabletopExpert:
         return np.clip(v, -HUMAN_SPEED, HUMAN_SPEED).astype(np.float32)
 
 
-def demos(embodiment: str, tasks, episodes_per_task: int, seed: int = 0):
+def expert_move(p: np.ndarray, b: np.ndarray, corner: np.ndarray, body_r: float = BODY_R["robot"]) -> tuple[np.ndarray, bool]:
+    """The expert's rule, world frame: (its next displacement of the effector at `p`, whether it is
+    pushing) for the block at `b` and its `corner`. Walk round the block to the point behind it (seen
+    from the corner), then push along the line to the corner. Written once: the expert acts with it, and
+    the scripted reasoner of labkit.language.commands plans with it."""
+    d = (corner - b) / max(np.linalg.norm(corner - b), 1e-8)
+    reach = BLOCK_R + body_r
+    contact = b - d * (reach + 0.005)
+    perp = np.array([-d[1], d[0]])
+    along, side = np.dot(p - b, d), np.dot(p - b, perp)  # the effector in the push line's frame
+    pushing = along < -0.5 * reach and abs(np.dot(p - contact, perp)) < 0.012
+    if pushing:  # behind, on the line: push
+        aim, step = b + d * 0.1 + perp * np.dot(contact - p, perp), 0.02
+    elif along < -0.8 * reach:  # behind the block: straight to the contact point
+        aim, step = contact, 0.025
+    else:  # beside or in front of it: round it, on the side the effector is on
+        s = 1.0 if side >= 0 else -1.0
+        clear = reach + 0.02
+        aim, step = (b + perp * s * clear + d * along if abs(side) < clear - 0.005 and along > 0
+                     else b + (perp * s - d) * clear), 0.025
+    move = aim - p
+    return move / max(np.linalg.norm(move), 1e-8) * min(step, np.linalg.norm(move)), bool(pushing)
+
+
+def servo_step(p: np.ndarray, v: np.ndarray, offset: np.ndarray, dt: float = 0.1, substeps: int = 10):
+    """Where the robot's pusher is after one control step given target `offset` from `p` while moving at
+    `v` (m, m/s), by the servo's equation in free space: m x'' = kp (target - x) - damping x'. What a
+    planner that knows the robot's servo predicts (within ~2 mm of the simulator over 4 steps)."""
+    kp, damping, mass = ROBOT_SERVO
+    target, h = p + offset, dt / substeps
+    for _ in range(substeps):
+        v = v + h * (kp * (target - p) - damping * v) / mass
+        p = p + h * v
+    return p, v
+
+
+def demos(embodiment: str, tasks, episodes_per_task: int, seed: int = 0, instruction: str = "code"):
     """An in-memory dataset of the expert's successful episodes on each of `tasks` (strings or
     indices), in `embodiment`'s body and frame: `observation.state`, `action`, and LeRobot's per-frame
     `task_index` into the dataset's `tasks` list (all twelve task strings, so indices agree across
     datasets). Episode j of task i starts from `reset(seed=100_000 * seed + 10_000 + 1000 * i + j)`:
-    never an evaluation seed (EVAL_SEED = 1000 and up, below 10,000)."""
+    never an evaluation seed (EVAL_SEED = 1000 and up, below 10,000). `instruction` as the env's."""
     if not 1 <= episodes_per_task <= 1000:
         raise ValueError(f"episodes_per_task must be in 1-1000, got {episodes_per_task}")
     from labkit.data import EpisodeDataset
@@ -252,13 +308,13 @@ def demos(embodiment: str, tasks, episodes_per_task: int, seed: int = 0):
         i = task_index(t)
         first = 100_000 * seed + 10_000 + 1000 * i
         eps = rollout("expert", "labkit/Tabletop-v0", range(first, first + episodes_per_task),
-                      {"embodiment": embodiment, "task": i}, keep=("obs", "actions"))
+                      {"embodiment": embodiment, "task": i, "instruction": instruction}, keep=("obs", "actions"))
         out += [{"observation.state": e.obs["state"][:-1], "action": e.actions,
                  "task_index": np.full(e.length, i, np.int64)} for e in eps if e.success]
     if not out:
         raise ValueError(f"the expert succeeded in none of the episodes of {list(tasks)}")
     ds = EpisodeDataset.from_episodes(out, fps=10, tasks=list(TASKS))
-    ds.info["labkit"] = {"env_id": "labkit/Tabletop-v0", "env_kwargs": {"embodiment": embodiment}}
+    ds.info["labkit"] = {"env_id": "labkit/Tabletop-v0", "env_kwargs": {"embodiment": embodiment, "instruction": instruction}}
     return ds
 
 

@@ -29,7 +29,7 @@ from labkit.vision.encoders import pretrained_meta
 
 # Env options that change what the state and the action mean, with their defaults: a policy is rolled
 # out with the values it was trained with. (Physics options such as friction stay the caller's choice.)
-INTERFACE_KWARGS = {"frame": "world", "actions": "absolute", "embodiment": "robot"}
+INTERFACE_KWARGS = {"frame": "world", "actions": "absolute", "embodiment": "robot", "instruction": "code"}
 # ... and, for a policy that reads cameras, what they show: pixels at the size it was trained on.
 CAMERA_KWARGS = {"obs_mode": "state", "image_size": 96}
 
