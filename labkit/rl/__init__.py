@@ -44,6 +44,7 @@ from labkit.rl.loop import ChunkRuntime, OffPolicyAgent, PolicyChunkEnv
 from labkit.rl.recap import RECAP, AdvantageFlowPolicy, RECAPConfig, guidance_sweep
 from labkit.rl.residual import ResidualConfig, ResidualPolicy, ResidualRL
 from labkit.rl.returns import NStep, chunk_discount, chunk_return, gae, nstep_batch, nstep_returns
+from labkit.rl.tql import TQL, TQLConfig, TransformerQ  # noqa: F401  (TQL: a Q-transformer, attention-entropy control)
 from labkit.rl.wrappers import ChunkWrapper
 
 __all__ = [
