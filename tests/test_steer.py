@@ -113,6 +113,12 @@ def test_command_dataset_embeds_every_level(demos):
     np.testing.assert_allclose(cd.frames[TEXT_KEY][row], enc.embed([said[row]])[0].detach().numpy(), atol=1e-6)
     with pytest.raises(ValueError, match="levels"):
         command_dataset(demos, enc, ["gesture"])
+    # a level named twice is a second copy, each episode in the next paraphrase (a heavier share of batches)
+    twice = command_dataset(demos, enc, ["task", "task"])
+    again = [twice.tasks[int(twice.frames["task_index"][a])] for a in twice.episode_from]
+    n = demos.num_episodes
+    assert len(twice) == 2 * len(demos)
+    assert again[n:n + 2] == [task_text(0, TRAIN_TEMPLATES[1]), task_text(0, TRAIN_TEMPLATES[2])]
 
 
 def test_reasoner_steers_the_expert_to_success():

@@ -63,20 +63,23 @@ def command_dataset(dataset: EpisodeDataset, encoder, levels: Sequence[str] = LE
     """The episodes of a Tabletop dataset (recorded with instruction="text", e.g. the shipped `tabletop`
     or `labkit.envs.tabletop.demos`) once per command level, each frame's command embedded by `encoder`
     into `observation.text`. At the task level episode j says its task in `templates[j % len]`'s words.
-    The commands become the dataset's `tasks` (LeRobot's per-frame instruction), so it records what
-    was said at each frame; the Tabletop task of every episode is kept in `tabletop_task`."""
+    A level named twice is copied twice (a heavier share of the training batches), its r-th copy in
+    the paraphrase r along (`templates[(j + r) % len]`). The commands become the dataset's `tasks`
+    (LeRobot's per-frame instruction), so it records what was said at each frame; the Tabletop task of
+    every episode is kept in `tabletop_task`."""
     bad = [lv for lv in levels if lv not in LEVELS]
     if bad or not levels:
-        raise ValueError(f"levels must be a non-empty subset of {LEVELS}, got {list(levels)}")
+        raise ValueError(f"levels must name levels of {LEVELS} (a level may repeat), got {list(levels)}")
     state = np.asarray(dataset.frames["observation.state"])
     if state.shape[1] != 10:
         raise ValueError(f"command_dataset needs Tabletop states recorded with instruction='text' (10-D), got "
                          f"{state.shape[1]}-D")
     tasks = episode_tasks(dataset)
     episodes, commands = [], []
-    for level in levels:
+    for n, level in enumerate(levels):
+        r = list(levels[:n]).count(level)  # how many copies of this level came before
         for j, (a, b, task) in enumerate(zip(dataset.episode_from, dataset.episode_to, tasks, strict=True)):
-            said = label_episode(state[a:b], task, templates[j % len(templates)])[level]
+            said = label_episode(state[a:b], task, templates[(j + r) % len(templates)])[level]
             commands += said
             episodes.append({"observation.state": state[a:b], "action": np.asarray(dataset.frames["action"][a:b]),
                              "tabletop_task": np.full(b - a, task, np.int64)})
