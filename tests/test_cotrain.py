@@ -145,7 +145,7 @@ def sources():
 def test_demos_carry_tasks(sources):
     robot, human = sources["robot"], sources["human"]
     assert robot.tasks == list(TASKS) and set(robot.frames["task_index"]) == {1} and set(human.frames["task_index"]) == {0}
-    assert robot.info["labkit"]["env_kwargs"] == {"embodiment": "robot"}
+    assert robot.info["labkit"]["env_kwargs"] == {"embodiment": "robot", "instruction": "code"}
     with pytest.raises(ValueError, match="episodes_per_task"):
         demos("robot", [0], 0)
 

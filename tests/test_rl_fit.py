@@ -26,6 +26,7 @@ QUIET = ["--trainer.enable_progress_bar", "false"]
 SMALL = {"dsrl": {"warmup_steps": 8, "batch_size": 16, "utd": 1},
          "residual": {"warmup_steps": 8, "batch_size": 16, "utd": 1},
          "expo": {"warmup_steps": 8, "batch_size": 16, "utd": 1},
+         "tql": {"warmup_steps": 8, "batch_size": 16, "utd": 1, "d_model": 16, "layers": 1, "heads": 2},
          "dppo": {"num_envs": 2, "n_steps": 3, "minibatch_size": 6, "epochs": 1},
          "recap": {"rollouts": 2, "interventions": 1, "value_steps": 5, "policy_steps": 5, "batch_size": 32,
                    "num_envs": 2}}
