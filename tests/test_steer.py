@@ -149,8 +149,10 @@ def test_runtime_logs_and_checks(demos):
     rt = LanguageRuntime(policy, enc, lambda state, task: "move 3 cm right")
     eps = rollout(rt, "labkit/Tabletop-v0", [1000, 1001], {"instruction": "text"}, keep=("obs",), num_envs=2)
     assert len(rt.logs) == 2 and rt.logs[0][:2] == [(0, "move 3 cm right"), (MOTION_STEPS, "move 3 cm right")]
-    errors = controllability(eps, rt.logs)
-    assert len(errors) >= 2 and np.all(errors >= 0)
+    commanded, executed = controllability(eps, rt.logs)
+    assert len(commanded) >= 2 and executed.shape == commanded.shape
+    np.testing.assert_allclose(commanded, np.tile([3.0, 0.0], (len(commanded), 1)))  # "move 3 cm right", in cm
+    np.testing.assert_allclose(executed[0], (eps[0].obs["state"][MOTION_STEPS, :2] - eps[0].obs["state"][0, :2]) * 100)
     with pytest.raises(ValueError, match="wide"):
         LanguageRuntime(policy, VocabEncoder(["a b"], width=4), lambda s, t: "a")
     with pytest.raises(ValueError, match="observation.text"):

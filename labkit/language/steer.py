@@ -11,7 +11,7 @@ state plus `observation.text`, the instruction's sentence embedding, read by FiL
                         (cached) and hands it to the policy as `obs["text"]`; it logs what it said
     LearnedReasoner     a small model trained on the labelled segments: (state, task embedding) -> the
                         next motion, written as a motion command (`say` is its commander)
-    controllability     commanded vs executed motion, in cm
+    controllability     commanded vs executed motion of each command, in cm
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from labkit.data.dataset import EpisodeDataset, compute_stats
+from labkit.data.dataset import EpisodeDataset
 from labkit.envs.tabletop import TASKS
 from labkit.language.commands import (
     LEVELS,
@@ -40,6 +40,7 @@ from labkit.language.text import check_width
 from labkit.nn import mlp
 from labkit.policies.base import Policy
 from labkit.policies.runtime import ChunkRuntime
+from labkit.training import minibatch_fit
 
 TEXT_KEY = "observation.text"  # the env-side name is "text" (labkit.data.keys.env_key)
 ENV = {"env_id": "labkit/Tabletop-v0", "env_kwargs": {"instruction": "text"}}
@@ -92,11 +93,6 @@ def command_dataset(dataset: EpisodeDataset, encoder, levels: Sequence[str] = LE
     out.info["labkit"] = copy.deepcopy(ENV)
     out.info["features"][TEXT_KEY]["names"] = None
     return out
-
-
-def task_commander(template: str = TRAIN_TEMPLATES[0]) -> Callable:
-    """The coarse commander: the task's sentence, in `template`'s words, every time."""
-    return ScriptedReasoner("task", template)
 
 
 class LanguageRuntime(ChunkRuntime):
@@ -158,24 +154,18 @@ class LearnedReasoner(nn.Module):
     def fit(self, dataset: EpisodeDataset, steps: int = 2000, batch_size: int = 256, seed: int = 0) -> LearnedReasoner:
         """Regress the labelled motion of each frame of a Tabletop dataset (LeRobot layout) from its state and
         its task sentence's embedding."""
-        g = torch.Generator().manual_seed(seed)
-        torch.manual_seed(seed)
         state = torch.as_tensor(np.asarray(dataset.frames["observation.state"]), dtype=torch.float32)
-        task_of = np.repeat(episode_tasks(dataset), dataset.episode_to - dataset.episode_from)
         target = np.concatenate([[parse_motion(m) for m in label_episode(state[a:b].numpy(), t)["motion"]]
-                                 for a, b, t in zip(dataset.episode_from, dataset.episode_to,
-                                                    task_of[dataset.episode_from], strict=True)])
-        sentences = [dataset.tasks[int(i)] for i in dataset.frames["task_index"]]
-        text = self.encoder.embed(sentences).float()
+                                 for a, b, t in zip(dataset.episode_from, dataset.episode_to, episode_tasks(dataset),
+                                                    strict=True)])
         target = torch.as_tensor(target, dtype=torch.float32)
-        opt = torch.optim.Adam(self.net.parameters(), 1e-3)
-        for _ in range(steps):
-            i = torch.randint(len(state), (batch_size,), generator=g)
-            loss = (self(state[i], text[i]) - target[i]).pow(2).sum(-1).mean() * 1e4  # cm^2
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        self.final_loss = float(loss)
+        text = self.encoder.embed([dataset.tasks[int(i)] for i in dataset.frames["task_index"]]).float()
+
+        def loss(i):
+            return (self(state[i], text[i]) - target[i]).pow(2).sum(-1).mean() * 1e4  # cm^2
+
+        losses = minibatch_fit(self.net, loss, len(state), steps, batch_size, seed=seed)
+        self.final_loss = float(losses[-1])
         return self.eval()
 
     @torch.no_grad()
@@ -187,20 +177,22 @@ class LearnedReasoner(nn.Module):
         return motion_text(int(dx), int(dy))
 
 
-def controllability(episodes, logs: list[list[tuple[int, str]]]) -> np.ndarray:
-    """Per motion command issued: |executed - commanded| displacement (cm) over the MOTION_STEPS steps that
-    followed it, from rollout episodes kept with `keep=("obs",)` and a LanguageRuntime's logs (same
-    order). Commands whose window ran past the episode's end are skipped."""
+def controllability(episodes, logs: list[list[tuple[int, str]]]) -> tuple[np.ndarray, np.ndarray]:
+    """(commanded, executed) displacement [N, 2] (cm, x right, y up) of each motion command issued, over the
+    MOTION_STEPS steps that followed it, from rollout episodes kept with `keep=("obs",)` and a
+    LanguageRuntime's logs (same order); the error is their difference. Commands whose window ran past the
+    episode's end are skipped."""
     if len(episodes) != len(logs):
         raise ValueError(f"{len(episodes)} episodes but {len(logs)} command logs: roll out once with a fresh runtime")
-    errors = []
+    commanded, executed = [], []
     for ep, log in zip(episodes, logs, strict=True):
         p = ep.obs["state"][:, :2]
         for t, command in log:
             if t + MOTION_STEPS < len(p):
-                errors.append(np.linalg.norm((p[t + MOTION_STEPS] - p[t]) - parse_motion(command)) * 100)
-    return np.asarray(errors)
+                commanded.append(parse_motion(command) * 100)
+                executed.append((p[t + MOTION_STEPS] - p[t]) * 100)
+    return np.reshape(commanded, (-1, 2)), np.reshape(executed, (-1, 2))
 
 
 __all__ = ["ENV", "TEXT_KEY", "LanguageRuntime", "LearnedReasoner", "command_dataset", "controllability",
-           "episode_tasks", "task_commander"]
+           "episode_tasks"]
