@@ -130,6 +130,16 @@ def to_local(pose: np.ndarray, pts: np.ndarray, r: np.ndarray | None = None) -> 
     return (pts - pose[:2]) @ (rot(pose[2]) if r is None else r)
 
 
+def block_frame_state(pose: np.ndarray, pusher: np.ndarray, r: np.ndarray | None = None) -> np.ndarray:
+    """What `frame="block"` observes with the block at `pose` (x, y, angle): everything the task depends
+    on, seen from the block (the pusher, the target's centre, cos/sin of the target's angle relative to
+    the block's, the target's three keypoints). `pose` may be an estimate (labkit.vision.estimate)."""
+    r = rot(pose[2]) if r is None else r
+    dt = TARGET[2] - pose[2]
+    return np.concatenate([to_local(pose, pusher, r), to_local(pose, TARGET[:2], r),
+                           [np.cos(dt), np.sin(dt)], to_local(pose, TARGET_KEYPOINTS, r).ravel()])
+
+
 # Both parts of the T are centred on its x = 0 axis, which `inside_t` uses: |x - 0| is |x|.
 assert BAR[0][0] == STEM[0][0] == 0.0
 
@@ -253,10 +263,8 @@ class PushTEnv(MujocoTask):
     def _state(self):
         pose, r = self._block()
         pusher = self.data.qpos[self._pq : self._pq + 2]
-        if self.frame == "block":  # everything the task depends on, seen from the block
-            dt = TARGET[2] - pose[2]
-            return np.concatenate([to_local(pose, pusher, r), to_local(pose, TARGET[:2], r),
-                                   [np.cos(dt), np.sin(dt)], to_local(pose, TARGET_KEYPOINTS, r).ravel()])
+        if self.frame == "block":
+            return block_frame_state(pose, pusher, r)
         kp = to_world(pose, KEYPOINTS, r).ravel()
         return np.concatenate([pusher, pose[:2], r[:, 0], kp])  # r[:, 0] is cos, sin of the angle
 
