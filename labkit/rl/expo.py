@@ -34,7 +34,6 @@ from labkit.rl.best_of_n import best_of, critic_action, critic_obs, dataset_chun
 from labkit.rl.buffer import MixedSampler, ReplayBuffer
 from labkit.rl.critics import QEnsemble, min_of_random_subset, polyak_update, target_copy
 from labkit.rl.loop import ChunkRuntime, OffPolicyAgent, PolicyChunkEnv
-from labkit.rl.returns import chunk_discount
 
 
 @dataclass
@@ -196,14 +195,7 @@ class EXPO(OffPolicyAgent):
         else:
             chunk, won = self.on_the_fly(obs)
             self._wins, self._decisions = self._wins + int(won.sum()), self._decisions + len(won)
-        next_obs, reward, terminated, truncated, info = self.env.step(chunk[0].numpy())
-        self.buffer.add({
-            "obs": {k: v[None] for k, v in self._obs.items()}, "action": critic_action(chunk, self.execute),
-            "chunk": chunk.flatten(1), "reward": [reward], "next_obs": {k: v[None] for k, v in next_obs.items()},
-            "discount": chunk_discount(info["chunk_steps"], terminated, self.config.gamma).view(1)})
-        self.env_steps += info["chunk_steps"]
-        info.update(reward=reward, episode_done=self.advance(next_obs, terminated, truncated))
-        return info
+        return self.act_chunk(chunk)
 
     def stats(self) -> dict:
         """The fraction of acting decisions since the last history row where an edit won the argmax."""

@@ -24,6 +24,7 @@ from gymnasium import spaces
 from labkit.data.keys import env_key
 from labkit.policies.runtime import ChunkRuntime, ObsHistory  # noqa: F401  (ChunkRuntime: the methods' import)
 from labkit.rl.agent import Agent
+from labkit.rl.returns import chunk_discount
 from labkit.rl.wrappers import ChunkWrapper
 
 
@@ -75,6 +76,22 @@ class OffPolicyAgent(Agent):
     @abstractmethod
     def eval_policy(self):
         """The current policy as something `labkit.eval.evaluate` runs (a batched runtime policy)."""
+
+    def act_chunk(self, chunk: torch.Tensor) -> dict:
+        """Run one normalised chunk [1, H, A] in the chunk env (a PolicyChunkEnv), store the chunk-level
+        transition (obs, executed action, chunk, reward, next_obs, discount) in `self.buffer`, count its
+        env steps and move on; returns the env's info with "reward" and "episode_done". For chunk methods
+        with `self.execute` (executed steps) and `config.gamma`."""
+        from labkit.rl.best_of_n import critic_action  # noqa: PLC0415 (best_of_n builds on this module)
+
+        next_obs, reward, terminated, truncated, info = self.env.step(chunk[0].numpy())
+        self.buffer.add({
+            "obs": {k: v[None] for k, v in self._obs.items()}, "action": critic_action(chunk, self.execute),
+            "chunk": chunk.flatten(1), "reward": [reward], "next_obs": {k: v[None] for k, v in next_obs.items()},
+            "discount": chunk_discount(info["chunk_steps"], terminated, self.config.gamma).view(1)})
+        self.env_steps += info["chunk_steps"]
+        info.update(reward=reward, episode_done=self.advance(next_obs, terminated, truncated))
+        return info
 
     def warming_up(self) -> bool:
         """Whether to act with warm-up behaviour and skip updates."""

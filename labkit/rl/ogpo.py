@@ -40,7 +40,6 @@ from labkit.rl.buffer import MixedSampler, ReplayBuffer
 from labkit.rl.critics import QEnsemble, min_of_random_subset, polyak_update, target_copy
 from labkit.rl.dppo import ppo_loss, reduce_log_probs
 from labkit.rl.loop import OffPolicyAgent, PolicyChunkEnv
-from labkit.rl.returns import chunk_discount
 
 
 @dataclass
@@ -179,14 +178,7 @@ class OGPO(OffPolicyAgent):
         """One chunk from the EMA policy's stochastic chain (warm-up: the same; the policy is the base then)."""
         obs = self.policy.normalize_obs(self.env.history())
         chunk = self.chains(obs, 1).actions
-        next_obs, reward, terminated, truncated, info = self.env.step(chunk[0].numpy())
-        self.buffer.add({
-            "obs": {k: v[None] for k, v in self._obs.items()}, "action": critic_action(chunk, self.execute),
-            "chunk": chunk.flatten(1), "reward": [reward], "next_obs": {k: v[None] for k, v in next_obs.items()},
-            "discount": chunk_discount(info["chunk_steps"], terminated, self.config.gamma).view(1)})
-        self.env_steps += info["chunk_steps"]
-        info.update(reward=reward, episode_done=self.advance(next_obs, terminated, truncated))
-        return info
+        return self.act_chunk(chunk)
 
     # ---- learning -------------------------------------------------------------------------------------
     def update(self) -> dict:
