@@ -26,6 +26,11 @@ QUIET = ["--trainer.enable_progress_bar", "false"]
 SMALL = {"dsrl": {"warmup_steps": 8, "batch_size": 16, "utd": 1},
          "residual": {"warmup_steps": 8, "batch_size": 16, "utd": 1},
          "expo": {"warmup_steps": 8, "batch_size": 16, "utd": 1},
+         "rlt": {"warmup_steps": 8, "batch_size": 16, "utd": 1, "token_steps": 5, "actor_init_steps": 5,
+                 "critic_warmup": 2},
+         "qam": {"warmup_steps": 8, "batch_size": 16, "utd": 1, "ensemble": 2, "critic_warmup": 0},
+         "ogpo": {"warmup_steps": 8, "batch_size": 16, "utd": 1, "critic_warmup": 0, "actor_batch": 4, "group": 2,
+                  "actor_every": 1},
          "tql": {"warmup_steps": 8, "batch_size": 16, "utd": 1, "d_model": 16, "layers": 1, "heads": 2},
          "dppo": {"num_envs": 2, "n_steps": 3, "minibatch_size": 6, "epochs": 1},
          "recap": {"rollouts": 2, "interventions": 1, "value_steps": 5, "policy_steps": 5, "batch_size": 32,
@@ -112,7 +117,7 @@ def test_resume_continues_buffer_counters_and_optimisers(peg_base, tmp_path, mon
 
 
 @pytest.mark.parametrize("change, error", [
-    ({"method": "sac"}, "unknown method 'sac'; choose from dppo, dsrl, expo, recap, residual"),
+    ({"method": "sac"}, "unknown method 'sac'; choose from dppo, dsrl, expo, ogpo, qam, recap, residual, rlt, tql"),
     ({"demos": "peg"}, "dsrl learns from its own rollouts only"),
     ({"policy": "runs/no_such_base"}, "labkit fit --config configs/flow_peg.yaml"),
 ])

@@ -41,9 +41,12 @@ from labkit.rl.dppo import DPPO, DPPOConfig, DPPOPolicy
 from labkit.rl.dsrl import DSRL, DSRLConfig, NoiseSpaceEnv, SteeredPolicy
 from labkit.rl.expo import EXPO, EXPOConfig
 from labkit.rl.loop import ChunkRuntime, OffPolicyAgent, PolicyChunkEnv
+from labkit.rl.ogpo import OGPO, OGPOConfig  # noqa: F401  (OGPO: the whole chain by group-relative PPO on a TD critic)
+from labkit.rl.qam import QAM, QAMConfig  # noqa: F401  (QAM: a flow policy finetuned by adjoint matching)
 from labkit.rl.recap import RECAP, AdvantageFlowPolicy, RECAPConfig, guidance_sweep
 from labkit.rl.residual import ResidualConfig, ResidualPolicy, ResidualRL
 from labkit.rl.returns import NStep, chunk_discount, chunk_return, gae, nstep_batch, nstep_returns
+from labkit.rl.rlt import RLT, RLTConfig, RLToken  # noqa: F401  (RLT: an RL token + an anchored chunk actor-critic)
 from labkit.rl.tql import TQL, TQLConfig, TransformerQ  # noqa: F401  (TQL: a Q-transformer, attention-entropy control)
 from labkit.rl.wrappers import ChunkWrapper
 
