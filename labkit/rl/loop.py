@@ -79,16 +79,19 @@ class OffPolicyAgent(Agent):
 
     def act_chunk(self, chunk: torch.Tensor) -> dict:
         """Run one normalised chunk [1, H, A] in the chunk env (a PolicyChunkEnv), store the chunk-level
-        transition (obs, executed action, chunk, reward, next_obs, discount) in `self.buffer`, count its
+        transition (obs, executed action, reward, next_obs, discount; the chunk too if the buffer keeps
+        one) in `self.buffer`, count its
         env steps and move on; returns the env's info with "reward" and "episode_done". For chunk methods
         with `self.execute` (executed steps) and `config.gamma`."""
         from labkit.rl.best_of_n import critic_action  # noqa: PLC0415 (best_of_n builds on this module)
 
         next_obs, reward, terminated, truncated, info = self.env.step(chunk[0].numpy())
-        self.buffer.add({
-            "obs": {k: v[None] for k, v in self._obs.items()}, "action": critic_action(chunk, self.execute),
-            "chunk": chunk.flatten(1), "reward": [reward], "next_obs": {k: v[None] for k, v in next_obs.items()},
-            "discount": chunk_discount(info["chunk_steps"], terminated, self.config.gamma).view(1)})
+        row = {"obs": {k: v[None] for k, v in self._obs.items()}, "action": critic_action(chunk, self.execute),
+               "reward": [reward], "next_obs": {k: v[None] for k, v in next_obs.items()},
+               "discount": chunk_discount(info["chunk_steps"], terminated, self.config.gamma).view(1)}
+        if "chunk" in self.buffer.fields:  # the whole normalised chunk, for methods that imitate it
+            row["chunk"] = chunk.flatten(1)
+        self.buffer.add(row)
         self.env_steps += info["chunk_steps"]
         info.update(reward=reward, episode_done=self.advance(next_obs, terminated, truncated))
         return info

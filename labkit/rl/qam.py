@@ -45,7 +45,6 @@ from labkit.rl.best_of_n import critic_action, critic_obs, dataset_chunks
 from labkit.rl.buffer import MixedSampler, ReplayBuffer
 from labkit.rl.critics import QEnsemble, mean_minus_std, polyak_update, target_copy
 from labkit.rl.loop import ChunkRuntime, OffPolicyAgent, PolicyChunkEnv, frozen
-from labkit.rl.returns import chunk_discount
 
 Velocity = Callable[[torch.Tensor, float], torch.Tensor]  # v(x [B, ...], t) -> [B, ...], t a float
 
@@ -253,14 +252,7 @@ class QAM(OffPolicyAgent):
         """One chunk: the base's own sample in warm-up, else v_theta's."""
         obs = self.policy.normalize_obs(self.env.history())
         chunk = self.act(obs, self.base if random else None, self.gen)
-        next_obs, reward, terminated, truncated, info = self.env.step(chunk[0].numpy())
-        self.buffer.add({
-            "obs": {k: v[None] for k, v in self._obs.items()}, "action": critic_action(chunk, self.execute),
-            "reward": [reward], "next_obs": {k: v[None] for k, v in next_obs.items()},
-            "discount": chunk_discount(info["chunk_steps"], terminated, self.config.gamma).view(1)})
-        self.env_steps += info["chunk_steps"]
-        info.update(reward=reward, episode_done=self.advance(next_obs, terminated, truncated))
-        return info
+        return self.act_chunk(chunk)
 
     # ---- learning -------------------------------------------------------------------------------
     def critic_loss(self, b: dict) -> tuple[torch.Tensor, torch.Tensor]:
