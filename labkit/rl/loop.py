@@ -80,8 +80,7 @@ class OffPolicyAgent(Agent):
     def act_chunk(self, chunk: torch.Tensor) -> dict:
         """Run one normalised chunk [1, H, A] in the chunk env (a PolicyChunkEnv), store the chunk-level
         transition (obs, executed action, reward, next_obs, discount; the chunk too if the buffer keeps
-        one) in `self.buffer`, count its
-        env steps and move on; returns the env's info with "reward" and "episode_done". For chunk methods
+        one) in `self.buffer`, count its env steps and move on; returns the env's info with "reward" and "episode_done". For chunk methods
         with `self.execute` (executed steps) and `config.gamma`."""
         from labkit.rl.best_of_n import critic_action  # noqa: PLC0415 (best_of_n builds on this module)
 
