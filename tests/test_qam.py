@@ -226,3 +226,7 @@ def test_bandit_tilt_moves_samples_into_the_favoured_mode():
     assert plain["right"] == pytest.approx(plain["base"], abs=0.06)  # inv_temp 0: no training, same flow
     assert tilted["right"] > plain["base"] + 0.2  # Q = a_x pulls mass into the right-hand mode
     assert tilted["mean_x"] > plain["mean_x"] + 0.3
+    # A lesson's loss with the adjoint's sign flipped (a common slip) tilts the other way: the loss trains.
+    flipped = bandit_tilt(inv_temps=(3.0,), base_steps=800, am_steps=150, batch=128, samples=1000,
+                          loss_fn=lambda vf, vb, adj, sigma: adjoint_matching_loss(vf, vb, -adj, sigma))[0]
+    assert flipped["right"] < plain["base"] - 0.2

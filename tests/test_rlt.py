@@ -14,6 +14,7 @@ from labkit.rl.rlt import (
     RLT,
     RLTConfig,
     RLToken,
+    actor_objective,
     anchored_actor_loss,
     base_reference,
     chunk_critic_loss,
@@ -53,7 +54,8 @@ class StubCritic(nn.Module):
 def stub_agent(**config) -> types.SimpleNamespace:
     cfg = RLTConfig(**{"ref_dropout": 0.0, **config})
     return types.SimpleNamespace(config=cfg, actor=StubActor(2), actor_target=StubActor(2), critic=StubCritic(),
-                                 critic_target=StubCritic(), gen=torch.Generator().manual_seed(0))
+                                 critic_target=StubCritic(), gen=torch.Generator().manual_seed(0),
+                                 actor_loss_fn=actor_objective)
 
 
 X = torch.tensor([[1.0, 0.0], [0.0, -1.0]])
@@ -120,6 +122,16 @@ def test_anchored_actor_loss_by_hand_and_beta_adds_exactly_the_anchor():
     raw = 0.5 * REF + 1.0  # [[1.1, 0.8], [1.3, 1.0]]
     q = torch.stack([k * raw.clamp(-1, 1).sum(-1) + X.sum(-1) for k in (1.0, 2.0)])
     torch.testing.assert_close(anchored_actor_loss(agent, X, REF), -q.mean() + (raw - REF).pow(2).sum(-1).mean())
+
+
+def test_actor_objective_by_hand_and_a_lesson_loss_is_the_one_that_trains():
+    q = torch.tensor([[1.0, 3.0], [2.0, 2.0]])  # mean 2
+    raw, ref = torch.tensor([[0.5, 0.0], [1.5, 1.0]]), torch.tensor([[0.0, 0.0], [1.0, 1.0]])  # ||.||^2 = .25, .25
+    torch.testing.assert_close(actor_objective(q, raw, ref, 0.0), torch.tensor(-2.0))
+    torch.testing.assert_close(actor_objective(q, raw, ref, 4.0), torch.tensor(-2.0 + 4 * 0.25))
+    agent = stub_agent(beta=0.0)
+    agent.actor_loss_fn = lambda q, raw, ref, beta: q.mean()  # the sign error a student might make
+    torch.testing.assert_close(anchored_actor_loss(agent, X, REF), -anchored_actor_loss(stub_agent(beta=0.0), X, REF))
 
 
 def test_reference_dropout_zeroes_whole_rows_of_the_reference_only():

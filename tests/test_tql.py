@@ -104,6 +104,16 @@ def test_q_shape_token_count_and_entropies():
     assert q(obs, a)[0].item() != pytest.approx(q(obs2, a)[0].item())
 
 
+def test_a_lesson_entropy_and_temperature_loss_are_the_ones_used():
+    """fit_offline hands a lesson's entropy_fn to every attention layer and its temperature loss to the dual step."""
+    q = TransformerQ(obs_dim=2, action_dim=2, d_model=8, layers=2, heads=2, entropy_fn=lambda logp: logp.new_tensor(7.0))
+    assert q(torch.randn(3, 2), torch.randn(3, 2))[1].tolist() == [7.0, 7.0]
+    calls = []
+    temp = AttentionTemperature([1.0, 1.0], loss_fn=lambda tau, h, target: calls.append(h) or (tau * 0).sum())
+    temp.loss(torch.tensor([2.0, 3.0]))
+    assert len(calls) == 1 and calls[0].tolist() == [2.0, 3.0]
+
+
 def test_bad_inputs_are_named():
     q = TransformerQ(obs_dim=5, action_dim=3, d_model=8, heads=2)
     with pytest.raises(ValueError, match=r"obs \[B, 5\] and action \[B, 3\]"):

@@ -338,11 +338,13 @@ class _Velocity(nn.Module):
 
 def bandit_tilt(inv_temps: Sequence[float] = (0.0, 0.3, 1.0, 3.0, 10.0), base_steps: int = 2000,
                 am_steps: int = 300, batch: int = 256, steps: int = 10, samples: int = 2000, mode: float = 0.8,
-                spread: float = 0.1, lr: float = 1e-3, seed: int = 0) -> list[dict]:
+                spread: float = 0.1, lr: float = 1e-3, seed: int = 0,
+                loss_fn: Callable = adjoint_matching_loss) -> list[dict]:
     """The 1-step bandit of algorithms.md 5(e): behaviour data half at (-mode, 0), half at (+mode, 0) (std
     `spread`), Q(a) = a_x, so pi* ~ pi_beta exp(inv_temp a_x) puts 1 / (1 + exp(-2 inv_temp mode)) of its mass
     in the right-hand mode. Fits v_beta by flow matching, then for each inv_temp a copy v_theta by adjoint
-    matching alone; returns rows {inv_temp, right (v_theta's ODE samples with a_x > 0), base, exact, mean_x}."""
+    matching alone (`loss_fn`: a lesson's own adjoint_matching_loss); returns rows {inv_temp, right (v_theta's
+    ODE samples with a_x > 0), base, exact, mean_x}."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
 
@@ -380,7 +382,7 @@ def bandit_tilt(inv_temps: Sequence[float] = (0.0, 0.3, 1.0, 3.0, 10.0), base_st
             pts = xs[:-1].flatten(0, 1)
             with torch.no_grad():
                 vb = base(pts, t_all).view(steps, batch, 2)
-            loss = adjoint_matching_loss(fine(pts, t_all).view(steps, batch, 2), vb, adj, sigma)
+            loss = loss_fn(fine(pts, t_all).view(steps, batch, 2), vb, adj, sigma)
             opt.zero_grad()
             loss.backward()
             opt.step()

@@ -40,6 +40,7 @@ chunk by a penalty rather than a bound, one decision per chunk.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import gymnasium as gym
@@ -200,15 +201,20 @@ def act(actor: TanhGaussianActor, x: torch.Tensor, ref: torch.Tensor) -> torch.T
     return actor(torch.cat([x, ref], -1), deterministic=True)[0].clamp(-1, 1)
 
 
+def actor_objective(q: torch.Tensor, raw: torch.Tensor, ref: torch.Tensor, beta: float) -> torch.Tensor:
+    """L_pi = -mean_i,b Q_i + beta * mean_b ||raw - a~||^2: q [E, B] the critics at the clipped edit, raw
+    [B, E*A] the actor's unclipped chunk (so the anchor also pulls back an edit past the box), ref [B, E*A]."""
+    return -q.mean() + beta * (raw - ref).pow(2).sum(-1).mean()
+
+
 def anchored_actor_loss(agent: RLT, x: torch.Tensor, ref: torch.Tensor, q_weight: float = 1.0) -> torch.Tensor:
-    """L_pi = -q_weight * mean_i,b Q_i(x, a) + beta * mean_b ||a - a~||^2 with a = pi(x, dropped a~)
-    (q_weight 0 and beta 1: the warm-up's fit to the reference). Draws the dropout from `agent.gen`."""
+    """`agent.actor_loss_fn` (default `actor_objective`) at a = pi(x, dropped a~); q_weight 0: the warm-up's
+    fit to the reference alone, mean_b ||a - a~||^2. Draws the dropout from `agent.gen`."""
     c = agent.config
     raw = agent.actor(torch.cat([x, drop_reference(ref, c.ref_dropout, agent.gen)], -1), deterministic=True)[0]
-    anchor = (raw - ref).pow(2).sum(-1).mean()  # on the unclipped chunk, so it pulls back one past the box too
     if q_weight == 0:
-        return anchor
-    return -q_weight * agent.critic(x, raw.clamp(-1, 1)).mean() + c.beta * anchor
+        return (raw - ref).pow(2).sum(-1).mean()
+    return agent.actor_loss_fn(q_weight * agent.critic(x, raw.clamp(-1, 1)), raw, ref, c.beta)
 
 
 def chunk_critic_loss(agent: RLT, batch: dict) -> torch.Tensor:
@@ -255,11 +261,12 @@ class RLT(OffPolicyAgent):
     method, takes_demos = "rlt", True
 
     def __init__(self, policy, env_id: str, config: RLTConfig | dict | None = None, demos=None,
-                 env_kwargs: dict | None = None):
+                 env_kwargs: dict | None = None, actor_loss_fn: Callable = actor_objective):
         import labkit.envs  # noqa: F401  (registers the tasks)
 
         config = RLTConfig(**config) if isinstance(config, dict) else (config or RLTConfig())
         self.config, self.env_id, self.env_kwargs = config, env_id, dict(env_kwargs or {})
+        self.actor_loss_fn = actor_loss_fn  # a lesson hands in its own (same arguments as actor_objective)
         c = config
         if demos is None:
             raise ValueError("RLT trains its token on the base's features over demonstrations: "

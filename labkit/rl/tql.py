@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,11 +47,11 @@ def attention_entropy(logp: torch.Tensor) -> torch.Tensor:
 class EntropyAttention(nn.Module):
     """Multi-head self-attention that also returns its mean row entropy (H_l)."""
 
-    def __init__(self, d_model: int, heads: int):
+    def __init__(self, d_model: int, heads: int, entropy_fn: Callable = attention_entropy):
         super().__init__()
         if d_model % heads:
             raise ValueError(f"d_model ({d_model}) must be a multiple of heads ({heads})")
-        self.heads = heads
+        self.heads, self.entropy_fn = heads, entropy_fn
         self.qkv = nn.Linear(d_model, 3 * d_model)
         self.out = nn.Linear(d_model, d_model)
 
@@ -60,16 +60,16 @@ class EntropyAttention(nn.Module):
         q, k, v = self.qkv(h).view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # [B, heads, T, d]
         logp = torch.log_softmax(q @ k.transpose(-1, -2) / math.sqrt(D // self.heads), dim=-1)  # [B, heads, T, T]
         out = (logp.exp() @ v).transpose(1, 2).reshape(B, T, D)
-        return self.out(out), attention_entropy(logp)
+        return self.out(out), self.entropy_fn(logp)
 
 
 class Block(nn.Module):
     """Pre-LayerNorm transformer block: h + Attn(LN h), then h + MLP(LN h)."""
 
-    def __init__(self, d_model: int, heads: int, mlp_ratio: int = 2):
+    def __init__(self, d_model: int, heads: int, mlp_ratio: int = 2, entropy_fn: Callable = attention_entropy):
         super().__init__()
         self.ln1, self.ln2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
-        self.attn = EntropyAttention(d_model, heads)
+        self.attn = EntropyAttention(d_model, heads, entropy_fn)
         self.mlp = nn.Sequential(nn.Linear(d_model, mlp_ratio * d_model), nn.GELU(),
                                  nn.Linear(mlp_ratio * d_model, d_model))
 
@@ -81,10 +81,11 @@ class Block(nn.Module):
 
 class TransformerQ(nn.Module):
     """Q(obs, action) read from a [VALUE] token, one token per scalar of obs [B, obs_dim] and action
-    [B, action_dim] (an action chunk flattened). forward -> (Q [B], per-layer attention entropy [L])."""
+    [B, action_dim] (an action chunk flattened). forward -> (Q [B], per-layer attention entropy [L]);
+    `entropy_fn` computes each layer's entropy from its log-attention (a lesson hands in its own)."""
 
     def __init__(self, obs_dim: int, action_dim: int, d_model: int = 64, layers: int = 2, heads: int = 4,
-                 mlp_ratio: int = 2):
+                 mlp_ratio: int = 2, entropy_fn: Callable = attention_entropy):
         super().__init__()
         if min(obs_dim, action_dim, d_model, layers, heads, mlp_ratio) < 1:
             raise ValueError(f"need positive sizes, got obs_dim={obs_dim}, action_dim={action_dim}, "
@@ -94,7 +95,7 @@ class TransformerQ(nn.Module):
         self.scale = nn.Parameter(torch.randn(n, d_model) / math.sqrt(d_model) * 4)  # W_i: the scalar's value
         self.position = nn.Parameter(torch.randn(n, d_model) * 0.02)  # P_i: which scalar it is
         self.value_token = nn.Parameter(torch.randn(1, 1, d_model) * 0.02)
-        self.blocks = nn.ModuleList(Block(d_model, heads, mlp_ratio) for _ in range(layers))
+        self.blocks = nn.ModuleList(Block(d_model, heads, mlp_ratio, entropy_fn) for _ in range(layers))
         self.norm, self.head = nn.LayerNorm(d_model), nn.Linear(d_model, 1)
 
     @property
@@ -154,8 +155,10 @@ def default_targets(tokens: int, layers: int) -> list[float]:
 class AttentionTemperature(nn.Module):
     """tau_l, one per layer, with targets H*_l and bounds [tau_min, tau_max]."""
 
-    def __init__(self, targets: Sequence[float], init: float = 0.0, tau_min: float = 0.0, tau_max: float = 1.0):
+    def __init__(self, targets: Sequence[float], init: float = 0.0, tau_min: float = 0.0, tau_max: float = 1.0,
+                 loss_fn: Callable = temperature_loss):
         super().__init__()
+        self.loss_fn = loss_fn  # a lesson hands in its own (same arguments as temperature_loss)
         if not tau_min <= init <= tau_max:
             raise ValueError(f"need tau_min <= init <= tau_max, got {tau_min}, {init}, {tau_max}")
         if not all(math.isfinite(t) and t >= 0 for t in targets):
@@ -169,7 +172,7 @@ class AttentionTemperature(nn.Module):
         return self.tau.detach().clamp(self.tau_min, self.tau_max)
 
     def loss(self, entropy: torch.Tensor) -> torch.Tensor:
-        return temperature_loss(self.tau, entropy, self.target)
+        return self.loss_fn(self.tau, entropy, self.target)
 
     @torch.no_grad()
     def project(self) -> None:
@@ -301,18 +304,21 @@ def offline_chunks(dataset: str = "peg", chunk: int = 4, gamma: float = 0.99, he
 def fit_offline(data: dict, d_model: int = 64, layers: int = 2, heads: int = 4, entropy_control: bool = False,
                 steps: int = 2000, lr: float = 3e-3, batch_size: int = 128, target_tau: float = 0.005,
                 entropy_target=None, temperature_lr: float = 3e-3, tau_max: float = 1.0, mlp_ratio: int = 2,
-                eval_every: int = 200, seed: int = 0) -> list[dict]:
+                eval_every: int = 200, seed: int = 0, entropy_fn: Callable = attention_entropy,
+                temperature_loss_fn: Callable = temperature_loss) -> list[dict]:
     """TD (SARSA) fitting of one TransformerQ on `offline_chunks` data, optionally with TQL's entropy
     control. Returns a row every `eval_every` steps: step, td_loss, entropy_l and tau_l per layer,
     value_error (mean |Q - G| on the held-out episodes), q_bias (mean Q - G there), roughness (how fast Q
-    changes under small fixed action perturbations there: the paper's "non-smooth value surface"), cpu_s."""
+    changes under small fixed action perturbations there: the paper's "non-smooth value surface"), cpu_s.
+    `entropy_fn` and `temperature_loss_fn` replace `attention_entropy` and `temperature_loss` (a lesson's own)."""
     from labkit.training import minibatch_fit
 
     torch.manual_seed(seed)
     tr, te = data["train"], data["test"]
-    q = TransformerQ(tr["x"].shape[1], tr["a"].shape[1], d_model, layers, heads, mlp_ratio)
+    q = TransformerQ(tr["x"].shape[1], tr["a"].shape[1], d_model, layers, heads, mlp_ratio, entropy_fn)
     q_target = target_copy(q)
-    temp = AttentionTemperature(resolve_targets(entropy_target, q.tokens, layers), 0.0, 0.0, tau_max)
+    temp = AttentionTemperature(resolve_targets(entropy_target, q.tokens, layers), 0.0, 0.0, tau_max,
+                                temperature_loss_fn)
     temp_opt = torch.optim.Adam(temp.parameters(), lr=temperature_lr)
     rows, cpu0, seen = [], time.process_time(), {"td": [], "H": []}
 
