@@ -11,14 +11,28 @@ processes for MuJoCo state envs.
 from __future__ import annotations
 
 import math
+import os
+import platform
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
 from tqdm.auto import tqdm
 
 from labkit.data.shipped import EVAL_SEED
+
+
+def machine() -> str:
+    """A short description of this machine: CPU model, cores, OS."""
+    model = platform.processor() or platform.machine()
+    try:
+        model = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                     if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{model}, {os.cpu_count()} cores, {platform.system()}"
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:

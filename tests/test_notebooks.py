@@ -237,6 +237,19 @@ BARS: dict[str, dict[str, tuple]] = {
         "final_loss_k8_human": ("<=", Rel("first_loss_k8_human", -0.04)),
         "final_loss_k2_human": ("<=", Rel("first_loss_k2_human", -0.04)),
     },
+    "15_more_rl": {
+        # The student's adjoint-matching loss in the bandit (FAST: 60 steps, 500 samples). SEED 0 / 1: base
+        # 0.51 / 0.48; inv_temp 0 leaves it (0.53 / 0.50), inv_temp 3 moves it to 0.97 / 0.90.
+        "qam_right_t0": ("<=", Rel("qam_base_right", 0.1)),
+        "qam_right_t3": (">=", Rel("qam_base_right", 0.2)),
+        # TQL after 120 TD steps: the large plain critic's lowest layer entropy falls below the controlled
+        # one's (SEED 0 / 1: 2.14 vs 2.54 / 1.81 vs 2.86 nats).
+        "tql_large_plain_entropy": ("<=", Rel("tql_large_control_entropy", -0.2)),
+        # RLT's token autoencoder learns the base's features (SEED 0 / 1: 0.96 -> 0.064 / 0.93 -> 0.064); FAST's
+        # 400 env steps of RL say nothing about success: no bar on it.
+        "rlt_token_loss_last": ("<=", Rel("rlt_token_loss_first", -0.5)),
+        "seed_rows": (">=", 9),  # the shipped seed table: three seeds of each method it lists
+    },
 }
 
 SOLUTION_NAMES = sorted(p.stem for p in SOLUTIONS.glob("*.ipynb"))
