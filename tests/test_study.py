@@ -53,3 +53,19 @@ def test_bad_input_is_named(capsys):
     with pytest.raises(SystemExit):
         study.main(["rlt", "--config", "{beta: 0"])
     assert "--config is not JSON" in capsys.readouterr().err
+
+
+def test_table_has_one_line_per_label_with_each_seed_and_the_count_above_the_base(tmp_path, capsys):
+    def row(label, seed, success, lo):
+        return {"label": label, "task": "labkit/Detour-v0", "seed": seed, "env_steps": 4000, "base_success": 0.5,
+                "base_ci": [0.4, 0.6], "success": success, "ci": [lo, min(1.0, success + 0.1)], "train_minutes": 1.0}
+    path = tmp_path / "rows.jsonl"
+    rows = [row("A", 1, 0.9, 0.82), row("A", 0, 0.3, 0.22), row("B", 0, 0.5, 0.4)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert study.main(["--table", "--out", str(path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 4  # header, rule, A, B
+    a = lines[2]
+    assert a.index("s0 30%") < a.index("s1 90%"), "seeds in order"
+    assert "| 60% (30-90%) |" in a and "| 1 of 2 |" in a  # mean (min-max); only seed 1's interval clears 50%
+    assert "| 0 of 1 |" in lines[3]

@@ -134,15 +134,48 @@ def run(method: str, seed: int, env_steps: int | None = None, config: dict | Non
     return row
 
 
+def table(path: Path = RESULTS) -> str:
+    """The rows of `path` as the README's markdown table: one line per label, each seed with its interval,
+    the mean and spread of the seeds, and in how many seeds the interval lies above the base's rate."""
+    def span(lo, hi):
+        return f"{100 * lo:.0f}-{hi:.0%}"
+
+    groups: dict[str, list[dict]] = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            r = json.loads(line)
+            groups.setdefault(r["label"], []).append(r)
+    out = ["| Method (base) | Task | Env steps | Base (95% CI) | Per training seed: success (95% CI) | Mean (min-max) "
+           "| Above the base | Minutes per seed |", "|---|---|---:|---:|---|---:|---:|---:|"]
+    for label, rows in groups.items():
+        rows.sort(key=lambda r: r["seed"])
+        rates = [r["success"] for r in rows]
+        bases = sorted({(r["base_success"], tuple(r["base_ci"])) for r in rows})
+        base = "; ".join(f"{b:.0%} ({span(lo, hi)})" for b, (lo, hi) in bases)
+        seeds = ", ".join(f"s{r['seed']} {r['success']:.0%} ({span(*r['ci'])})" for r in rows)
+        above = sum(r["ci"][0] > r["base_success"] for r in rows)
+        minutes = [r["train_minutes"] for r in rows]
+        out.append(f"| {label} | {rows[0].get('task', ENV).split('/')[-1]} | {rows[0]['env_steps']:,} | {base} | {seeds} "
+                   f"| {np.mean(rates):.0%} ({span(min(rates), max(rates))}) | {above} of {len(rows)} "
+                   f"| {min(minutes):.1f}-{max(minutes):.1f} |")
+    return "\n".join(out)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m labkit.rl.study", description=__doc__.split("\n\n")[0])
-    p.add_argument("method", choices=sorted(METHODS))
+    p.add_argument("method", nargs="?", choices=sorted(METHODS))
+    p.add_argument("--table", action="store_true", help="print the rows of --out as the README's table, train nothing")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--env-steps", type=int, default=None, help="default: the method's budget in the README table")
     p.add_argument("--config", default="{}", help="JSON: the method's config fields over the defaults")
     p.add_argument("--label", default=None)
     p.add_argument("--out", default=str(RESULTS), help="the JSON-lines file a row is appended to")
     a = p.parse_args(argv)
+    if a.table:
+        print(table(Path(a.out)))
+        return 0
+    if a.method is None:
+        p.error("name a method (or --table)")
     try:
         config = json.loads(a.config)
     except json.JSONDecodeError as e:
