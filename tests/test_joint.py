@@ -7,7 +7,7 @@ import torch
 import labkit  # noqa: F401  (registers the tasks, picks the GL backend)
 from labkit.eval import evaluate
 from labkit.policies import FlowPolicy, fit
-from labkit.world_models.joint import JointPlanner, joint_dataset
+from labkit.world_models.joint import JointPlanner, inpainted_values, joint_dataset
 
 TINY = dict(horizon=4, n_action_steps=2, obs_horizon=2, hidden=32, layers=1, steps=3)
 
@@ -67,6 +67,37 @@ def test_bad_widths_are_named():
         JointPlanner(policy, action_dim=2)
     with pytest.raises(ValueError, match="n must be"):
         JointPlanner(policy, action_dim=1, n=0)
+    with pytest.raises(ValueError, match="'inpainted'"):
+        JointPlanner(policy, action_dim=1, value="mean")
+
+
+class _ValueFromAction(torch.nn.Module):
+    """A velocity that moves only the value column, at twice the action column's current value (row by row)."""
+
+    def forward(self, x, t, feat):
+        v = torch.zeros_like(x)
+        v[..., -1] = 2 * x[..., 0]
+        return v
+
+
+def test_inpainted_values_hold_the_actions_on_their_path_and_average_the_draws():
+    policy = FlowPolicy.from_dataset(_joint_data(), env={}, **TINY).eval()
+    policy.net(None)["denoiser"] = _ValueFromAction()
+    a = torch.tensor([[-1.0, 0.5, 2.0]])  # three candidates for one observation, normalised, constant over rows
+    chunks = torch.zeros(1, 3, TINY["horizon"], policy.action_dim)
+    chunks[..., 0] = a[..., None]
+    obs = {"observation.state": torch.zeros(1, 2, 2)}
+    torch.manual_seed(0)
+    got = inpainted_values(policy, obs, chunks, action_dim=1, k=20_000, steps=2)
+    # Two Euler steps: V_1 = z_V + 2 dt [z_a + (0.5 z_a + 0.5 a)] = z_V + 1.5 z_a + 0.5 a, so E[V | a] = 0.5 a
+    # (normalised); a sampled-value planner would see z_V + 1.5 z_a + 0.5 a, mostly noise.
+    rows = torch.zeros(3, policy.action_dim)
+    rows[:, -1] = 0.5 * a[0]
+    want = policy.normalizer.unnormalize("action", rows)[:, -1]
+    torch.testing.assert_close(got[0], want, atol=0.05 * want.abs().max().item() + 0.05, rtol=0)
+    assert got[0].argmax() == 2
+    with pytest.raises(ValueError, match="k must be"):
+        inpainted_values(policy, obs, chunks, action_dim=1, k=0)
 
 
 def test_it_trains_and_runs_on_detour():
@@ -80,3 +111,12 @@ def test_it_trains_and_runs_on_detour():
     r = evaluate(JointPlanner(policy, 2, n=4, env={"env_id": "labkit/Detour-v0", "env_kwargs": {}}),
                  "labkit/Detour-v0", episodes=2, progress=False)
     assert r.episodes == 2
+
+
+def test_the_study_refuses_bad_budgets_by_name(capsys):
+    from labkit.world_models import joint_study
+
+    for flag in ("--k", "--n", "--steps", "--episodes"):
+        with pytest.raises(SystemExit):
+            joint_study.main([flag, "0"])
+        assert f"{flag} must be >= 1, got 0" in capsys.readouterr().err

@@ -12,6 +12,10 @@ starts at step t is
 result) and an ordinary labkit flow policy learns p(y_t .. y_{t+H-1} | s_{t-1}, s_t) as it would an
 action chunk. `JointPlanner` samples N chunks and executes the actions of the one whose own value after
 its executed steps (row n_action_steps - 1) is highest; N = 1 acts with the model as a plain policy.
+A sampled value is one draw from p(V | s, a): the argmax of N such draws picks lucky draws as much as good
+actions. `inpainted_values` instead asks the model for E[V | s, a] of each candidate, as Cosmos Policy
+queries its planning model with the action given: the action columns are held on their known path
+x_t = (1 - t) z + t a while the rest is integrated (replacement inpainting), and k draws are averaged.
 Compare `labkit.world_models.planning`: a separate world model and value function score a policy's samples.
 """
 
@@ -45,12 +49,36 @@ def joint_dataset(episodes: list[dict], gamma: float = 0.97, fps: float = 10.0):
     return EpisodeDataset.from_episodes(out, fps=fps)
 
 
+@torch.no_grad()
+def inpainted_values(policy, obs_norm: dict[str, torch.Tensor], chunks: torch.Tensor, action_dim: int, k: int = 8,
+                     steps: int | None = None) -> torch.Tensor:
+    """E[V | s, a] of candidate chunks [B, N, H, W] (normalised rows; their first `action_dim` columns are the
+    actions), [B, N]: the future and value columns integrated by Euler with the action columns held on
+    their known path, k noise draws averaged, the value read after the executed steps."""
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    B, N, H, W = chunks.shape
+    net, steps = policy.net(None), steps or policy.config.steps
+    feat = net["encoder"]({key: v.repeat_interleave(N * k, dim=0) for key, v in obs_norm.items()})
+    known = chunks[..., :action_dim].repeat_interleave(k, dim=1).flatten(0, 1)  # [B*N*k, H, A]
+    x = torch.randn(B * N * k, H, W, device=chunks.device)
+    z = x[..., :action_dim].clone()
+    dt = 1.0 / steps
+    for i in range(steps):
+        t = i * dt
+        x[..., :action_dim] = (1 - t) * z + t * known  # the given part, where the flow would carry it at time t
+        x = x + net["denoiser"](x, torch.full((len(x),), t, device=x.device), feat) * dt
+    rows = policy.normalizer.unnormalize("action", x)
+    return rows[:, policy.config.n_action_steps - 1, -1].view(B, N, k).mean(-1)
+
+
 class JointPlanner(ChunkRuntime):
     """Act with a flow policy trained on `joint_dataset`: `n` sampled chunks, the actions of the one whose
     predicted value after the executed steps is highest (n = 1: the first sample). `action_dim` is the
     env's action size (the first columns of each row); `env` the env interface it runs in."""
 
-    def __init__(self, policy, action_dim: int, n: int = 16, env: dict | None = None):
+    def __init__(self, policy, action_dim: int, n: int = 16, env: dict | None = None, value: str = "sampled",
+                 k: int = 8):
         if not hasattr(policy, "sample"):
             raise TypeError(f"JointPlanner needs a generative policy with sample(), got {type(policy).__name__}")
         width = policy.action_dim
@@ -60,7 +88,10 @@ class JointPlanner(ChunkRuntime):
                              f"{state_dim} states has {action_dim + state_dim + 1} (train it on joint_dataset)")
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
-        self.policy, self.action_dim, self.n = policy, int(action_dim), int(n)
+        if value not in ("sampled", "inpainted"):
+            raise ValueError(f"value must be 'sampled' (each sample's own draw) or 'inpainted' (E[V | s, a] over k "
+                             f"draws), got {value!r}")
+        self.policy, self.action_dim, self.n, self.value, self.k = policy, int(action_dim), int(n), value, int(k)
         self.env = env or {}
         self.last_values: torch.Tensor | None = None
         self.reset()
@@ -72,8 +103,12 @@ class JointPlanner(ChunkRuntime):
     @torch.no_grad()
     def predict_action_chunk(self, history: dict[str, torch.Tensor]) -> torch.Tensor:
         obs = self.policy.normalize_obs({k: torch.as_tensor(v).float() for k, v in history.items()})
-        rows = self.policy.normalizer.unnormalize("action", sample_chunks(self.policy, obs, self.n))  # [B, n, H, W]
-        values = rows[:, :, self.policy.config.n_action_steps - 1, -1]
+        chunks = sample_chunks(self.policy, obs, self.n)  # [B, n, H, W], normalised
+        rows = self.policy.normalizer.unnormalize("action", chunks)
+        if self.value == "inpainted" and self.n > 1:
+            values = inpainted_values(self.policy, obs, chunks, self.action_dim, self.k)
+        else:
+            values = rows[:, :, self.policy.config.n_action_steps - 1, -1]
         self.last_values = values
         best = rows[torch.arange(len(rows)), values.argmax(1)]
         return best[..., : self.action_dim]
