@@ -116,7 +116,26 @@ def test_it_trains_and_runs_on_detour():
 def test_the_study_refuses_bad_budgets_by_name(capsys):
     from labkit.world_models import joint_study
 
-    for flag in ("--k", "--n", "--steps", "--episodes"):
+    for flag in ("--k", "--n", "--steps", "--episodes", "--finetune"):
         with pytest.raises(SystemExit):
             joint_study.main([flag, "0"])
         assert f"{flag} must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_a_planning_model_scores_the_policys_candidates(monkeypatch):
+    import labkit.world_models.joint as J
+
+    data = _joint_data()
+    policy, planning = _Fixed.from_dataset(data, env={}, **TINY), FlowPolicy.from_dataset(data, env={}, **TINY)
+    seen = {}
+
+    def fake_values(model, obs, chunks, action_dim, k):  # prefers the candidate whose action is 0
+        seen["model"], seen["k"] = model, k
+        actions = model.normalizer.unnormalize("action", chunks)[..., 0, 0]
+        return -actions.abs()
+
+    monkeypatch.setattr(J, "inpainted_values", fake_values)
+    chunk = JointPlanner(policy, 1, n=4, k=3, planning=planning).predict_action_chunk(
+        {"observation.state": torch.zeros(2, 2, 2)})
+    assert seen["model"] is planning and seen["k"] == 3
+    torch.testing.assert_close(chunk, torch.zeros(2, 4, 1), atol=1e-4, rtol=0)  # not the own-value argmax (7)

@@ -72,26 +72,37 @@ def inpainted_values(policy, obs_norm: dict[str, torch.Tensor], chunks: torch.Te
     return rows[:, policy.config.n_action_steps - 1, -1].view(B, N, k).mean(-1)
 
 
+def _check_joint(model, action_dim: int, name: str) -> None:
+    if not hasattr(model, "sample"):
+        raise TypeError(f"JointPlanner needs a generative {name} with sample(), got {type(model).__name__}")
+    width, state_dim = model.action_dim, model.shapes["observation.state"][0]
+    if width != action_dim + state_dim + 1:
+        raise ValueError(f"the {name}'s rows have {width} numbers; a joint model of {action_dim} actions and "
+                         f"{state_dim} states has {action_dim + state_dim + 1} (train it on joint_dataset)")
+
+
 class JointPlanner(ChunkRuntime):
     """Act with a flow policy trained on `joint_dataset`: `n` sampled chunks, the actions of the one whose
     predicted value after the executed steps is highest (n = 1: the first sample). `action_dim` is the
-    env's action size (the first columns of each row); `env` the env interface it runs in."""
+    env's action size (the first columns of each row); `env` the env interface it runs in.
+
+    `planning`: a second joint model that scores the candidates by its inpainted E[V | s, a], as Cosmos
+    Policy deploys two checkpoints: the one trained on demonstrations acts, the one trained further on
+    policy rollouts (which have failures, so its values mean something) predicts futures and values."""
 
     def __init__(self, policy, action_dim: int, n: int = 16, env: dict | None = None, value: str = "sampled",
-                 k: int = 8):
-        if not hasattr(policy, "sample"):
-            raise TypeError(f"JointPlanner needs a generative policy with sample(), got {type(policy).__name__}")
-        width = policy.action_dim
-        state_dim = policy.shapes["observation.state"][0]
-        if width != action_dim + state_dim + 1:
-            raise ValueError(f"the policy's rows have {width} numbers; a joint model of {action_dim} actions and "
-                             f"{state_dim} states has {action_dim + state_dim + 1} (train it on joint_dataset)")
+                 k: int = 8, planning=None):
+        _check_joint(policy, action_dim, "policy")
+        if planning is not None:
+            _check_joint(planning, action_dim, "planning model")
+            value = "inpainted"
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
         if value not in ("sampled", "inpainted"):
             raise ValueError(f"value must be 'sampled' (each sample's own draw) or 'inpainted' (E[V | s, a] over k "
                              f"draws), got {value!r}")
         self.policy, self.action_dim, self.n, self.value, self.k = policy, int(action_dim), int(n), value, int(k)
+        self.planning = planning if planning is not None else policy
         self.env = env or {}
         self.last_values: torch.Tensor | None = None
         self.reset()
@@ -106,7 +117,9 @@ class JointPlanner(ChunkRuntime):
         chunks = sample_chunks(self.policy, obs, self.n)  # [B, n, H, W], normalised
         rows = self.policy.normalizer.unnormalize("action", chunks)
         if self.value == "inpainted" and self.n > 1:
-            values = inpainted_values(self.policy, obs, chunks, self.action_dim, self.k)
+            pm = self.planning  # its own normalisation (the same as the policy's when it is the policy)
+            values = inpainted_values(pm, pm.normalize_obs({k: torch.as_tensor(v).float() for k, v in history.items()}),
+                                      pm.normalizer.normalize("action", rows), self.action_dim, self.k)
         else:
             values = rows[:, :, self.policy.config.n_action_steps - 1, -1]
         self.last_values = values

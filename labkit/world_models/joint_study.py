@@ -6,13 +6,16 @@ Data: the 200 shipped demos plus 100 rollouts of two weak policies (lesson 07's:
 steps, seeds 5000-5049, and an MSE-BC policy after 400, seeds 6000-6049), labelled by `joint_dataset`.
 One flow model over [action, state change, value] rows is trained on them (training seed `--seed`) and
 evaluated on 100 episodes from EVAL_SEED: acting directly (N = 1), best-of-N by each sample's own value
-draw, and best-of-N by the inpainted E[V | s, a] (k draws per candidate). Lesson 07's separate world
-model + value function, on the same data, is in results/full.json (`plan_bon_success`).
+draw, and best-of-N by the inpainted E[V | s, a] (k draws per candidate). With `--two-models`, as Cosmos
+Policy deploys it: the model trained on the demos acts, and a copy fine-tuned `--finetune` steps on demos and
+rollouts scores its candidates ("planned"). Lesson 07's separate world model + value function, on the same
+data, is in results/full.json (`plan_bon_success`).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import time
@@ -23,7 +26,8 @@ import torch
 ENV = "labkit/Detour-v0"
 
 
-def run(steps: int = 3000, seed: int = 0, n: int = 16, k: int = 8, episodes: int = 100, demos_only: bool = False) -> dict:
+def run(steps: int = 3000, seed: int = 0, n: int = 16, k: int = 8, episodes: int = 100, demos_only: bool = False,
+        two_models: bool = False, finetune: int = 1500) -> dict:
     import labkit.world_models as W
     from labkit.data import DATASETS, EVAL_SEED, load_dataset
     from labkit.eval import evaluate, machine
@@ -36,18 +40,22 @@ def run(steps: int = 3000, seed: int = 0, n: int = 16, k: int = 8, episodes: int
     weak = [fit(FlowPolicy.from_dataset(data), data, steps=100, seed=seed, progress=False),
             fit(BCPolicy.from_dataset(data), data, steps=400, seed=seed, progress=False)]
     env = weak[0].data_env
-    if not demos_only:
-        episodes_ += W.collect_episodes(weak[0], ENV, 50, seed=5000) + W.collect_episodes(weak[1], ENV, 50, seed=6000)
-    joint_data = joint_dataset(episodes_)
+    rollouts = W.collect_episodes(weak[0], ENV, 50, seed=5000) + W.collect_episodes(weak[1], ENV, 50, seed=6000)
     torch.manual_seed(seed)
-    model = fit(FlowPolicy.from_dataset(joint_data, env=env), joint_data, steps=steps, seed=seed, progress=False)
+    first = joint_dataset(episodes_ if demos_only or two_models else episodes_ + rollouts)
+    model = fit(FlowPolicy.from_dataset(first, env=env), first, steps=steps, seed=seed, progress=False)
+    planners = {"direct": dict(n=1), "sampled": dict(n=n), "inpainted": dict(n=n, value="inpainted", k=k)}
+    if two_models:  # a copy trained on, with the rollouts' failures: Cosmos Policy's planning checkpoint
+        planning = fit(copy.deepcopy(model), joint_dataset(episodes_ + rollouts), steps=finetune, seed=seed + 1,
+                       progress=False)
+        planners["planned"] = dict(n=n, k=k, planning=planning)
     train_minutes = (time.perf_counter() - t0) / 60
     action_dim = len(episodes_[0]["action"][0])
     out = {"steps": steps, "seed": seed, "n": n, "k": k, "episodes": episodes, "demos_only": demos_only,
-           "rollouts": 0 if demos_only else 100, "train_minutes": round(train_minutes, 2)}
-    for name, planner in (("direct", JointPlanner(model, action_dim, n=1, env=env)),
-                          ("sampled", JointPlanner(model, action_dim, n=n, env=env)),
-                          ("inpainted", JointPlanner(model, action_dim, n=n, env=env, value="inpainted", k=k))):
+           "two_models": two_models, "finetune": finetune if two_models else 0,
+           "rollouts": 0 if demos_only and not two_models else 100, "train_minutes": round(train_minutes, 2)}
+    for name, kw in planners.items():
+        planner = JointPlanner(model, action_dim, env=env, **kw)
         start = time.perf_counter()
         torch.manual_seed(seed)
         r = evaluate(planner, ENV, episodes=episodes, seed=EVAL_SEED, progress=False)
@@ -56,7 +64,8 @@ def run(steps: int = 3000, seed: int = 0, n: int = 16, k: int = 8, episodes: int
         print(name, out[name], flush=True)
     out.update(date=date.today().isoformat(), machine=machine(),
                command="python -m labkit.world_models.joint_study " + " ".join(
-                   [f"--steps {steps} --seed {seed} --n {n} --k {k}"] + (["--demos-only"] if demos_only else [])))
+                   [f"--steps {steps} --seed {seed} --n {n} --k {k}"] + (["--demos-only"] if demos_only else [])
+                   + ([f"--two-models --finetune {finetune}"] if two_models else [])))
     return out
 
 
@@ -68,13 +77,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--k", type=int, default=8, help="value draws per candidate (inpainted)")
     p.add_argument("--episodes", type=int, default=100)
     p.add_argument("--demos-only", action="store_true", help="train on the 200 demos without the rollouts")
+    p.add_argument("--two-models", action="store_true", help="act with the demos model, score with a fine-tuned copy")
+    p.add_argument("--finetune", type=int, default=1500, help="steps of the planning copy on demos + rollouts")
     p.add_argument("--out", default=None, help="a JSON-lines file the result is appended to")
     a = p.parse_args(argv)
-    for name in ("steps", "n", "k", "episodes"):
+    if a.demos_only and a.two_models:
+        p.error("--demos-only and --two-models exclude each other (the planning copy trains on the rollouts)")
+    for name in ("steps", "n", "k", "episodes", "finetune"):
         if getattr(a, name) < 1:
             p.error(f"--{name} must be >= 1, got {getattr(a, name)}")
     torch.set_num_threads(1)
-    row = run(a.steps, a.seed, a.n, a.k, a.episodes, a.demos_only)
+    row = run(a.steps, a.seed, a.n, a.k, a.episodes, a.demos_only, a.two_models, a.finetune)
     if a.out:
         with open(a.out, "a") as f:
             f.write(json.dumps(row) + "\n")
