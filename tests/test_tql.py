@@ -209,3 +209,11 @@ def test_collapse_study_rows_and_plot(tmp_path):
     assert "entropy_1" in rows[-1] and "entropy_1" not in rows[0]
     plot_collapse(rows, tmp_path / "collapse.png")
     assert (tmp_path / "collapse.png").stat().st_size > 1000
+
+
+def test_the_study_command_refuses_a_bad_budget(capsys):
+    from labkit.rl.tql import main
+
+    with pytest.raises(SystemExit):
+        main(["--steps", "0"])
+    assert "--steps must be >= 1, got 0" in capsys.readouterr().err

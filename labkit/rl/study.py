@@ -43,6 +43,9 @@ METHODS = {
     "ogpo": ("flow", "wins", 10_000, {}),
     "dppo": ("flow-seeded", None, 47_000, {"num_envs": 8, "n_steps": 15, "clip_eps": 0.05, "clip_eps_base": 0.01,
                                            "actor_lr": 3e-5}),
+    # lesson 04's null results on PegInsert (the base's samples do not hold the fix), the contrast to Detour
+    "dsrl": ("flow", None, 3_000, {"utd": 4, "init_temperature": 0.01, "warmup_steps": 750}),
+    "expo": ("flow", "all", 1_500, {"n_samples": 4, "n_edits": 4, "batch_size": 128}),
     "dsrl-detour": ("flow-detour", None, 4_000, {"utd": 4, "init_temperature": 0.01, "warmup_steps": 1000}),
     "expo-detour": ("flow-detour", "all", 4_000, {"n_samples": 4, "n_edits": 4, "batch_size": 128}),
 }

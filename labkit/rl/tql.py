@@ -426,3 +426,31 @@ def plot_collapse(rows: list[dict], path=None):
 __all__ = ["AttentionTemperature", "TQL", "TQLConfig", "TransformerQ", "TransformerQEnsemble", "attention_entropy",
            "collapse_study", "default_targets", "fit_offline", "offline_chunks", "plot_collapse", "tql_critic_loss",
            "temperature_loss"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m labkit.rl.tql --steps 600 --seeds 0 1 2 --out results/tql_collapse.jsonl`: the collapse
+    study over training seeds, its rows appended to --out (the README's TQL numbers come from there)."""
+    import argparse
+    import json
+    from datetime import date
+
+    p = argparse.ArgumentParser(prog="python -m labkit.rl.tql", description=main.__doc__.split(":")[0])
+    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--out", default=None, help="a JSON-lines file the rows are appended to")
+    a = p.parse_args(argv)
+    if a.steps < 1:
+        p.error(f"--steps must be >= 1, got {a.steps}")
+    torch.set_num_threads(1)
+    rows = collapse_study(steps=a.steps, eval_every=max(a.steps // 6, 10), seeds=a.seeds)
+    if a.out:
+        with open(a.out, "a") as f:
+            for r in rows:
+                f.write(json.dumps({**r, "date": date.today().isoformat(), "command": f"python -m labkit.rl.tql --steps "
+                                    f"{a.steps} --seeds {' '.join(map(str, a.seeds))}"}) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
