@@ -96,6 +96,11 @@ def test_inpainted_values_hold_the_actions_on_their_path_and_average_the_draws()
     want = policy.normalizer.unnormalize("action", rows)[:, -1]
     torch.testing.assert_close(got[0], want, atol=0.05 * want.abs().max().item() + 0.05, rtol=0)
     assert got[0].argmax() == 2
+    # A hold that forgets the candidate (the student's possible slip) leaves every value at E[V] = 0 (normalised)
+    torch.manual_seed(0)
+    blind = inpainted_values(policy, obs, chunks, action_dim=1, k=20_000, steps=2, hold_fn=lambda x, z, known, t, a: x)
+    zero = policy.normalizer.unnormalize("action", torch.zeros(1, policy.action_dim))[0, -1]
+    torch.testing.assert_close(blind[0], zero.expand(3), atol=0.05 * want.abs().max().item() + 0.05, rtol=0)
     with pytest.raises(ValueError, match="k must be"):
         inpainted_values(policy, obs, chunks, action_dim=1, k=0)
 
@@ -129,7 +134,7 @@ def test_a_planning_model_scores_the_policys_candidates(monkeypatch):
     policy, planning = _Fixed.from_dataset(data, env={}, **TINY), FlowPolicy.from_dataset(data, env={}, **TINY)
     seen = {}
 
-    def fake_values(model, obs, chunks, action_dim, k):  # prefers the candidate whose action is 0
+    def fake_values(model, obs, chunks, action_dim, k, hold_fn):  # prefers the candidate whose action is 0
         seen["model"], seen["k"] = model, k
         actions = model.normalizer.unnormalize("action", chunks)[..., 0, 0]
         return -actions.abs()
@@ -139,3 +144,13 @@ def test_a_planning_model_scores_the_policys_candidates(monkeypatch):
         {"observation.state": torch.zeros(2, 2, 2)})
     assert seen["model"] is planning and seen["k"] == 3
     torch.testing.assert_close(chunk, torch.zeros(2, 4, 1), atol=1e-4, rtol=0)  # not the own-value argmax (7)
+
+
+def test_hold_known_by_hand():
+    from labkit.world_models.joint import hold_known
+
+    x, z, known = torch.zeros(1, 2, 3), torch.ones(1, 2, 1), torch.full((1, 2, 1), 3.0)
+    out = hold_known(x, z, known, 0.25, 1)
+    torch.testing.assert_close(out[..., 0], torch.full((1, 2), 0.75 * 1 + 0.25 * 3))
+    torch.testing.assert_close(out[..., 1:], torch.zeros(1, 2, 2))
+    assert x.abs().sum() == 0, "hold_known must not write into its input"

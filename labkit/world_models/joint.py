@@ -21,6 +21,8 @@ Compare `labkit.world_models.planning`: a separate world model and value functio
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 
@@ -49,12 +51,21 @@ def joint_dataset(episodes: list[dict], gamma: float = 0.97, fps: float = 10.0):
     return EpisodeDataset.from_episodes(out, fps=fps)
 
 
+def hold_known(x: torch.Tensor, z: torch.Tensor, known: torch.Tensor, t: float, action_dim: int) -> torch.Tensor:
+    """x [..., H, W] at flow time t with its first `action_dim` columns put where the flow from noise z
+    [..., H, action_dim] carries the given values `known` at time t: (1 - t) z + t known (a new tensor)."""
+    x = x.clone()
+    x[..., :action_dim] = (1 - t) * z + t * known
+    return x
+
+
 @torch.no_grad()
 def inpainted_values(policy, obs_norm: dict[str, torch.Tensor], chunks: torch.Tensor, action_dim: int, k: int = 8,
-                     steps: int | None = None) -> torch.Tensor:
+                     steps: int | None = None, hold_fn: Callable = hold_known) -> torch.Tensor:
     """E[V | s, a] of candidate chunks [B, N, H, W] (normalised rows; their first `action_dim` columns are the
     actions), [B, N]: the future and value columns integrated by Euler with the action columns held on
-    their known path, k noise draws averaged, the value read after the executed steps."""
+    their known path (`hold_fn`: a lesson's own `hold_known`), k noise draws averaged, the value read after
+    the executed steps."""
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     B, N, H, W = chunks.shape
@@ -66,7 +77,7 @@ def inpainted_values(policy, obs_norm: dict[str, torch.Tensor], chunks: torch.Te
     dt = 1.0 / steps
     for i in range(steps):
         t = i * dt
-        x[..., :action_dim] = (1 - t) * z + t * known  # the given part, where the flow would carry it at time t
+        x = hold_fn(x, z, known, t, action_dim)  # the given part, where the flow would carry it at time t
         x = x + net["denoiser"](x, torch.full((len(x),), t, device=x.device), feat) * dt
     rows = policy.normalizer.unnormalize("action", x)
     return rows[:, policy.config.n_action_steps - 1, -1].view(B, N, k).mean(-1)
@@ -91,7 +102,7 @@ class JointPlanner(ChunkRuntime):
     policy rollouts (which have failures, so its values mean something) predicts futures and values."""
 
     def __init__(self, policy, action_dim: int, n: int = 16, env: dict | None = None, value: str = "sampled",
-                 k: int = 8, planning=None):
+                 k: int = 8, planning=None, hold_fn: Callable = hold_known):
         _check_joint(policy, action_dim, "policy")
         if planning is not None:
             _check_joint(planning, action_dim, "planning model")
@@ -103,6 +114,7 @@ class JointPlanner(ChunkRuntime):
                              f"draws), got {value!r}")
         self.policy, self.action_dim, self.n, self.value, self.k = policy, int(action_dim), int(n), value, int(k)
         self.planning = planning if planning is not None else policy
+        self.hold_fn = hold_fn
         self.env = env or {}
         self.last_values: torch.Tensor | None = None
         self.reset()
@@ -119,7 +131,8 @@ class JointPlanner(ChunkRuntime):
         if self.value == "inpainted" and self.n > 1:
             pm = self.planning  # its own normalisation (the same as the policy's when it is the policy)
             values = inpainted_values(pm, pm.normalize_obs({k: torch.as_tensor(v).float() for k, v in history.items()}),
-                                      pm.normalizer.normalize("action", rows), self.action_dim, self.k)
+                                      pm.normalizer.normalize("action", rows), self.action_dim, self.k,
+                                      hold_fn=self.hold_fn)
         else:
             values = rows[:, :, self.policy.config.n_action_steps - 1, -1]
         self.last_values = values
