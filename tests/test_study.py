@@ -67,5 +67,5 @@ def test_table_has_one_line_per_label_with_each_seed_and_the_count_above_the_bas
     assert len(lines) == 4  # header, rule, A, B
     a = lines[2]
     assert a.index("s0 30%") < a.index("s1 90%"), "seeds in order"
-    assert "| 60% (30-90%) |" in a and "| 1 of 2 |" in a  # mean (min-max); only seed 1's interval clears 50%
+    assert "| 60% (30-90%) |" in a and "| 1 of 2 |" in a  # mean (min-max); only seed 1's interval clears the base's (40-60%)
     assert "| 0 of 1 |" in lines[3]

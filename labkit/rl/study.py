@@ -139,7 +139,7 @@ def run(method: str, seed: int, env_steps: int | None = None, config: dict | Non
 
 def table(path: Path = RESULTS) -> str:
     """The rows of `path` as the README's markdown table: one line per label, each seed with its interval,
-    the mean and spread of the seeds, and in how many seeds the interval lies above the base's rate."""
+    the mean and spread of the seeds, and in how many seeds the interval lies above the base's interval."""
     def span(lo, hi):
         return f"{100 * lo:.0f}-{hi:.0%}"
 
@@ -149,14 +149,14 @@ def table(path: Path = RESULTS) -> str:
             r = json.loads(line)
             groups.setdefault(r["label"], []).append(r)
     out = ["| Method (base) | Task | Env steps | Base (95% CI) | Per training seed: success (95% CI) | Mean (min-max) "
-           "| Above the base | Minutes per seed |", "|---|---|---:|---:|---|---:|---:|---:|"]
+           "| Clear of the base's interval | Minutes per seed |", "|---|---|---:|---:|---|---:|---:|---:|"]
     for label, rows in groups.items():
         rows.sort(key=lambda r: r["seed"])
         rates = [r["success"] for r in rows]
         bases = sorted({(r["base_success"], tuple(r["base_ci"])) for r in rows})
         base = "; ".join(f"{b:.0%} ({span(lo, hi)})" for b, (lo, hi) in bases)
         seeds = ", ".join(f"s{r['seed']} {r['success']:.0%} ({span(*r['ci'])})" for r in rows)
-        above = sum(r["ci"][0] > r["base_success"] for r in rows)
+        above = sum(r["ci"][0] > r["base_ci"][1] for r in rows)  # the seed's interval clear of the base's
         minutes = [r["train_minutes"] for r in rows]
         out.append(f"| {label} | {rows[0].get('task', ENV).split('/')[-1]} | {rows[0]['env_steps']:,} | {base} | {seeds} "
                    f"| {np.mean(rates):.0%} ({span(min(rates), max(rates))}) | {above} of {len(rows)} "
