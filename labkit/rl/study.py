@@ -118,7 +118,7 @@ def run(method: str, seed: int, env_steps: int | None = None, config: dict | Non
     agent.train(env_steps=env_steps, progress=False)
     minutes = (time.perf_counter() - t0) / 60
     r = evaluate(agent.eval_policy(), env_id, episodes=episodes, seed=EVAL_SEED, progress=False)
-    extra = {k: v for k, v in (config or {}).items()}
+    extra = dict(config or {})
     row = {
         "label": label or f"{NAMES[agent_method]} ({base_kind} base)" + (f" {json.dumps(extra)}" if extra else ""),
         "method": method, "task": env_id, "base": base_kind, "base_success": base_meta["success"], "base_ci": base_meta["ci"],

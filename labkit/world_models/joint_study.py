@@ -1,6 +1,6 @@
 """Cosmos-style planning against acting directly, on lesson 07's planning set-up (Detour):
 
-    python -m labkit.world_models.joint_study --steps 3000 --out results/cosmos.json
+    python -m labkit.world_models.joint_study --two-models --seed 0 --out results/cosmos.jsonl
 
 Data: the 200 shipped demos plus 100 rollouts of two weak policies (lesson 07's: a flow policy after 100
 steps, seeds 5000-5049, and an MSE-BC policy after 400, seeds 6000-6049), labelled by `joint_dataset`.
@@ -26,34 +26,56 @@ import torch
 ENV = "labkit/Detour-v0"
 
 
+def planning_data(seed: int = 0) -> tuple[list[dict], list[dict], dict]:
+    """Lesson 07's planning set-up on Detour: (the 200 demos as episodes, 100 rollouts of two weak policies
+    trained with `seed`, the env interface the models run in)."""
+    import labkit.world_models as W
+    from labkit.data import DATASETS, load_dataset
+    from labkit.policies import BCPolicy, FlowPolicy, fit
+
+    data = load_dataset(DATASETS / "detour")
+    weak = [fit(FlowPolicy.from_dataset(data), data, steps=100, seed=seed, progress=False),
+            fit(BCPolicy.from_dataset(data), data, steps=400, seed=seed, progress=False)]
+    rollouts = W.collect_episodes(weak[0], ENV, 50, seed=5000) + W.collect_episodes(weak[1], ENV, 50, seed=6000)
+    return W.episodes_from_dataset(data), rollouts, weak[0].data_env
+
+
+def two_checkpoints(demos: list[dict], rollouts: list[dict], env: dict, steps: int = 3000, finetune: int = 1500,
+                    seed: int = 0):
+    """Cosmos Policy's two checkpoints: (a joint model trained `steps` on the demos, which acts; a copy trained
+    `finetune` steps more on demos + rollouts, whose values have seen failures, which scores)."""
+    from labkit.policies import FlowPolicy, fit
+    from labkit.world_models.joint import joint_dataset
+
+    torch.manual_seed(seed)
+    rows = joint_dataset(demos)
+    actor = fit(FlowPolicy.from_dataset(rows, env=env), rows, steps=steps, seed=seed, progress=False)
+    planning = fit(copy.deepcopy(actor), joint_dataset(demos + rollouts), steps=finetune, seed=seed + 1, progress=False)
+    return actor, planning
+
+
 def run(steps: int = 3000, seed: int = 0, n: int = 16, k: int = 8, episodes: int = 100, demos_only: bool = False,
         two_models: bool = False, finetune: int = 1500) -> dict:
-    import labkit.world_models as W
-    from labkit.data import DATASETS, EVAL_SEED, load_dataset
+    from labkit.data import EVAL_SEED
     from labkit.eval import evaluate, machine
-    from labkit.policies import BCPolicy, FlowPolicy, fit
+    from labkit.policies import FlowPolicy, fit
     from labkit.world_models.joint import JointPlanner, joint_dataset
 
     t0 = time.perf_counter()
-    data = load_dataset(DATASETS / "detour")
-    episodes_ = W.episodes_from_dataset(data)
-    weak = [fit(FlowPolicy.from_dataset(data), data, steps=100, seed=seed, progress=False),
-            fit(BCPolicy.from_dataset(data), data, steps=400, seed=seed, progress=False)]
-    env = weak[0].data_env
-    rollouts = W.collect_episodes(weak[0], ENV, 50, seed=5000) + W.collect_episodes(weak[1], ENV, 50, seed=6000)
-    torch.manual_seed(seed)
-    first = joint_dataset(episodes_ if demos_only or two_models else episodes_ + rollouts)
-    model = fit(FlowPolicy.from_dataset(first, env=env), first, steps=steps, seed=seed, progress=False)
+    demos, rollouts, env = planning_data(seed)
     planners = {"direct": dict(n=1), "sampled": dict(n=n), "inpainted": dict(n=n, value="inpainted", k=k)}
-    if two_models:  # a copy trained on, with the rollouts' failures: Cosmos Policy's planning checkpoint
-        planning = fit(copy.deepcopy(model), joint_dataset(episodes_ + rollouts), steps=finetune, seed=seed + 1,
-                       progress=False)
+    if two_models:
+        model, planning = two_checkpoints(demos, rollouts, env, steps, finetune, seed)
         planners["planned"] = dict(n=n, k=k, planning=planning)
+    else:  # one model, acting and planning with itself
+        torch.manual_seed(seed)
+        rows = joint_dataset(demos if demos_only else demos + rollouts)
+        model = fit(FlowPolicy.from_dataset(rows, env=env), rows, steps=steps, seed=seed, progress=False)
     train_minutes = (time.perf_counter() - t0) / 60
-    action_dim = len(episodes_[0]["action"][0])
+    action_dim = len(demos[0]["action"][0])
     out = {"steps": steps, "seed": seed, "n": n, "k": k, "episodes": episodes, "demos_only": demos_only,
            "two_models": two_models, "finetune": finetune if two_models else 0,
-           "rollouts": 0 if demos_only and not two_models else 100, "train_minutes": round(train_minutes, 2)}
+           "rollouts": 0 if demos_only else 100, "train_minutes": round(train_minutes, 2)}
     for name, kw in planners.items():
         planner = JointPlanner(model, action_dim, env=env, **kw)
         start = time.perf_counter()
