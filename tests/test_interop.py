@@ -124,7 +124,7 @@ def test_quantiles_are_lerobots(tmp_path):
 @pytest.mark.parametrize("name", sorted(p.name for p in DATASETS.iterdir() if (p / "meta" / "info.json").exists()))
 def test_shipped_meta_is_current(name):
     """Each shipped dataset's meta carries quantiles, per-episode stats and the interface in its action
-    feature (read from the files only; `refresh_meta` in labkit/data/recorder.py regenerates them)."""
+    feature (read from the files only; `refresh_meta` in labkit/data/refresh.py regenerates them)."""
     root = DATASETS / name
     info = json.loads((root / fmt.INFO_PATH).read_text())
     stats = json.loads((root / fmt.STATS_PATH).read_text())

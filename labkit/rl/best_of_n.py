@@ -26,7 +26,7 @@ import torch
 from labkit.data.keys import env_key
 from labkit.rl.buffer import flatten_obs
 from labkit.rl.critics import QEnsemble, min_of_random_subset
-from labkit.rl.loop import ChunkRuntime
+from labkit.rl.loop import ChunkRuntime, critic_action  # noqa: F401  (critic_action: the verifier's and lesson 08's import)
 from labkit.rl.returns import chunk_discount
 from labkit.training import minibatch_fit
 
@@ -36,11 +36,6 @@ from labkit.training import minibatch_fit
 def critic_obs(policy, obs_norm: dict[str, torch.Tensor]) -> torch.Tensor:
     """x [B, D]: a normalised observation history {key: [B, To, ...]} flattened in the policy's key order."""
     return flatten_obs(obs_norm, list(policy.config.obs_keys))
-
-
-def critic_action(chunk: torch.Tensor, execute: int) -> torch.Tensor:
-    """The part of normalised chunks [..., H, A] that runs in the env, flattened: [..., execute * A]."""
-    return chunk[..., :execute, :].flatten(-2)
 
 
 def sample_chunks(policy, obs_norm: dict[str, torch.Tensor], n: int, steps: int | None = None,

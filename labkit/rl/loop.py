@@ -35,6 +35,11 @@ def frozen(policy):
     return policy
 
 
+def critic_action(chunk: torch.Tensor, execute: int) -> torch.Tensor:
+    """The part of normalised chunks [..., H, A] that runs in the env, flattened: [..., execute * A]."""
+    return chunk[..., :execute, :].flatten(-2)
+
+
 class OffPolicyAgent(Agent):
     """The shared training loop. A subclass sets, in its `__init__`:
         self.config  with `warmup_steps`, `utd` and `seed`
@@ -82,8 +87,6 @@ class OffPolicyAgent(Agent):
         transition (obs, executed action, reward, next_obs, discount; the chunk too if the buffer keeps
         one) in `self.buffer`, count its env steps and move on; returns the env's info with "reward" and "episode_done". For chunk methods
         with `self.execute` (executed steps) and `config.gamma`."""
-        from labkit.rl.best_of_n import critic_action  # noqa: PLC0415 (best_of_n builds on this module)
-
         next_obs, reward, terminated, truncated, info = self.env.step(chunk[0].numpy())
         row = {"obs": {k: v[None] for k, v in self._obs.items()}, "action": critic_action(chunk, self.execute),
                "reward": [reward], "next_obs": {k: v[None] for k, v in next_obs.items()},
