@@ -268,6 +268,8 @@ def test_bad_configs(detour_ds):
         DiffusionPolicy.from_dataset(detour_ds, steps=200)
     with pytest.raises(ValueError, match="unknown DiffusionConfig fields"):
         DiffusionPolicy({"betas": 1}, {"observation.state": [6], "action": [2]}, detour_ds.stats)
+    with pytest.raises(TypeError, match=r"hidden must be an int, got \(64, 64\)"):  # BC's form; was a raw '<' error
+        FlowPolicy.from_dataset(detour_ds, hidden=(64, 64))
 
 
 # ---- what a lesson hands in: its loss (through fit's training_step) and its sampler ------------------

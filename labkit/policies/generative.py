@@ -57,8 +57,12 @@ class GenerativeConfig(PolicyConfig):
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         if self.cond not in ("film", "concat"):
             raise ValueError(f"cond must be 'film' or 'concat', got {self.cond!r}")
-        small = {k: getattr(self, k) for k in ("hidden", "layers", "kernel_size", "n_groups", "time_dim")
-                 if getattr(self, k) < 1}
+        sizes = ("hidden", "layers", "kernel_size", "n_groups", "time_dim")
+        for k in sizes:  # hidden=(64, 64), as BC's MLP takes it, is a width and a depth here
+            if not isinstance(getattr(self, k), int) or isinstance(getattr(self, k), bool):
+                raise TypeError(f"{k} must be an int, got {getattr(self, k)!r} (the generative MLP takes hidden=<width> "
+                                "and layers=<depth>)")
+        small = {k: getattr(self, k) for k in sizes if getattr(self, k) < 1}
         if small or not self.down_dims or min(self.down_dims) < 1:
             raise ValueError(f"network sizes must be >= 1, got {small or {'down_dims': self.down_dims}}")
         activation(self.activation)  # a ValueError naming the choices

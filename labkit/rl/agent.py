@@ -74,6 +74,32 @@ class Agent(ABC):
         """The agent steps `train()` runs when given no budget (RECAP: config.rounds); None: a budget is needed."""
         return None
 
+    # ---- what every method's constructor shares ------------------------------------------------------
+    def configure(self, config, config_class: type, env_id: str, env_kwargs: dict | None = None):
+        """Set `config` (a `config_class`, a dict of its fields, or None for its defaults), `env_id` and
+        `env_kwargs` on the agent, with labkit's tasks registered; returns the config."""
+        import labkit.envs  # noqa: F401, PLC0415  (registers the tasks)
+
+        config = config_class(**config) if isinstance(config, dict) else (config or config_class())
+        self.config, self.env_id, self.env_kwargs = config, env_id, dict(env_kwargs or {})
+        return config
+
+    def seed_torch(self, seed: int):
+        """Seed torch's global RNG (the networks' initial weights) and keep `self.gen`, the agent's own
+        generator for its sampling."""
+        import torch  # noqa: PLC0415
+
+        torch.manual_seed(seed)
+        self.gen = torch.Generator().manual_seed(seed)
+        return self.gen
+
+    @staticmethod
+    def require_demos(config, demos) -> None:
+        """Refuse an offline share of every batch without demonstrations to fill it."""
+        if config.offline_ratio > 0 and demos is None:
+            raise ValueError("offline_ratio > 0 mixes demonstrations into every batch: pass demos=<EpisodeDataset>, "
+                             "or set offline_ratio=0 to learn from online data only")
+
     def networks(self) -> dict:
         """The networks (and their optimisers: `optimizers()`) that a Lightning checkpoint holds; an agent
         that rebuilds its networks as it trains (RECAP) returns {} and keeps them in its training state."""

@@ -216,12 +216,9 @@ class DPPO(Agent):
     def __init__(self, policy: GenerativePolicy, env_id: str, config: DPPOConfig | dict | None = None,
                  env_kwargs: dict | None = None, env_wrapper: Callable[[gym.Env], gym.Env] | None = None,
                  log_prob_fn: Callable | None = None):
-        import labkit.envs  # noqa: F401  (registers the tasks)
-
         if not isinstance(policy, GenerativePolicy):
             raise TypeError(f"DPPO finetunes a diffusion or flow policy (a GenerativePolicy), got {type(policy).__name__}")
-        c = DPPOConfig(**config) if isinstance(config, dict) else (config or DPPOConfig())
-        self.config, self.env_id, self.env_kwargs = c, env_id, dict(env_kwargs or {})
+        c = self.configure(config, DPPOConfig, env_id, env_kwargs)
         self.steps = c.denoise_steps or policy.config.steps
         self.ft_steps = c.ft_steps or self.steps
         if self.ft_steps > self.steps:

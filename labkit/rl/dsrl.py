@@ -151,13 +151,9 @@ class DSRL(OffPolicyAgent):
 
     def __init__(self, policy, env_id: str, config: DSRLConfig | dict | None = None,
                  env_kwargs: dict | None = None):
-        import labkit.envs  # noqa: F401  (registers the tasks)
-
-        config = DSRLConfig(**config) if isinstance(config, dict) else (config or DSRLConfig())
-        self.config, self.env_id, self.env_kwargs = config, env_id, dict(env_kwargs or {})
+        config = self.configure(config, DSRLConfig, env_id, env_kwargs)
         c = config
-        torch.manual_seed(c.seed)
-        self.gen = torch.Generator().manual_seed(c.seed)
+        self.seed_torch(c.seed)
         self.policy = frozen(policy)
         env = NoiseSpaceEnv(gym.make(env_id, **self.env_kwargs), policy, c.noise_bound, c.denoise_steps)
         pc = policy.config

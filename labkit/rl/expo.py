@@ -25,15 +25,13 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-import gymnasium as gym
-import numpy as np
 import torch
 
 from labkit.rl.actor import TanhGaussianActor, Temperature
 from labkit.rl.best_of_n import best_of, critic_action, critic_obs, dataset_chunks, sample_chunks
 from labkit.rl.buffer import MixedSampler, ReplayBuffer
-from labkit.rl.critics import QEnsemble, min_of_random_subset, polyak_update, target_copy
-from labkit.rl.loop import ChunkRuntime, OffPolicyAgent, PolicyChunkEnv
+from labkit.rl.critics import min_of_random_subset, polyak_update
+from labkit.rl.loop import ChunkRuntime, OffPolicyAgent
 
 
 @dataclass
@@ -114,32 +112,17 @@ class EXPO(OffPolicyAgent):
 
     def __init__(self, policy, env_id: str, config: EXPOConfig | dict | None = None, demos=None,
                  env_kwargs: dict | None = None):
-        import labkit.envs  # noqa: F401  (registers the tasks)
-
-        config = EXPOConfig(**config) if isinstance(config, dict) else (config or EXPOConfig())
-        self.config, self.env_id, self.env_kwargs = config, env_id, dict(env_kwargs or {})
+        config = self.configure(config, EXPOConfig, env_id, env_kwargs)
         c = config
         if not hasattr(policy, "sample"):
             raise TypeError(f"EXPO needs a generative policy with sample(obs, ...), got {type(policy).__name__}")
-        if c.offline_ratio > 0 and demos is None:
-            raise ValueError("offline_ratio > 0 mixes demonstrations into every batch: pass demos=<EpisodeDataset>, "
-                             "or set offline_ratio=0 to learn from online data only")
-        torch.manual_seed(c.seed)
-        self.gen = torch.Generator().manual_seed(c.seed)
+        self.require_demos(c, demos)
+        self.seed_torch(c.seed)
         self.policy = policy
         # Eval mode: sampling uses the EMA weights; only the live weights train, by imitation.
         policy.eval().requires_grad_(False)
         policy.model.requires_grad_(c.base_updates > 0)
-        env = PolicyChunkEnv(gym.make(env_id, **self.env_kwargs), policy)
-        pc = policy.config
-        self.execute, self.chunk_dim = pc.n_action_steps, env.chunk_dim
-        d = self.execute * policy.action_dim
-        obs_shapes = {k: tuple(s.shape) for k, s in env.observation_space.spaces.items()}
-        obs_dim = sum(int(np.prod(s)) for s in obs_shapes.values())
-
-        self.critic = QEnsemble(obs_dim, d, c.hidden, ensemble=c.ensemble, layer_norm=True)
-        self.critic_target = target_copy(self.critic)
-        self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=c.lr)
+        env, obs_shapes, obs_dim, d = self.chunk_env_and_critic(policy, c.hidden, c.ensemble, c.lr)
         self.edit = self.temperature = None
         if c.edits:
             self.edit = TanhGaussianActor(obs_dim + d, d, c.hidden, scale=c.beta)

@@ -24,6 +24,7 @@ from gymnasium import spaces
 from labkit.data.keys import env_key
 from labkit.policies.runtime import ChunkRuntime, ObsHistory  # noqa: F401  (ChunkRuntime: the methods' import)
 from labkit.rl.agent import Agent
+from labkit.rl.critics import QEnsemble, target_copy
 from labkit.rl.returns import chunk_discount
 from labkit.rl.wrappers import ChunkWrapper
 
@@ -97,6 +98,21 @@ class OffPolicyAgent(Agent):
         self.env_steps += info["chunk_steps"]
         info.update(reward=reward, episode_done=self.advance(next_obs, terminated, truncated))
         return info
+
+    def chunk_env_and_critic(self, policy, hidden, ensemble: int, lr: float):
+        """What the chunk methods (EXPO, OGPO, QAM) build first: the chunk-level env of `policy`, and a
+        LayerNorm Q ensemble on (observation, the executed part of a chunk) with its target and optimiser
+        (`self.critic`, `self.critic_target`, `self.critic_opt`; `self.execute`, `self.chunk_dim` set).
+        Returns (env, obs_shapes, obs_dim, d): d = the executed part's width."""
+        env = PolicyChunkEnv(gym.make(self.env_id, **self.env_kwargs), policy)
+        self.execute, self.chunk_dim = policy.config.n_action_steps, env.chunk_dim
+        d = self.execute * policy.action_dim
+        obs_shapes = {k: tuple(s.shape) for k, s in env.observation_space.spaces.items()}
+        obs_dim = sum(int(np.prod(s)) for s in obs_shapes.values())
+        self.critic = QEnsemble(obs_dim, d, hidden, ensemble=ensemble, layer_norm=True)
+        self.critic_target = target_copy(self.critic)
+        self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=lr)
+        return env, obs_shapes, obs_dim, d
 
     def warming_up(self) -> bool:
         """Whether to act with warm-up behaviour and skip updates."""

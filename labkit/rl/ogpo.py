@@ -31,15 +31,14 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-import gymnasium as gym
 import numpy as np
 import torch
 
 from labkit.rl.best_of_n import critic_action, critic_obs, dataset_chunks
 from labkit.rl.buffer import MixedSampler, ReplayBuffer
-from labkit.rl.critics import QEnsemble, min_of_random_subset, polyak_update, target_copy
+from labkit.rl.critics import min_of_random_subset, polyak_update
 from labkit.rl.dppo import ppo_loss, reduce_log_probs
-from labkit.rl.loop import OffPolicyAgent, PolicyChunkEnv
+from labkit.rl.loop import OffPolicyAgent
 
 
 @dataclass
@@ -114,29 +113,18 @@ class OGPO(OffPolicyAgent):
 
     def __init__(self, policy, env_id: str, config: OGPOConfig | dict | None = None, demos=None,
                  env_kwargs: dict | None = None):
-        import labkit.envs  # noqa: F401  (registers the tasks)
-
-        config = OGPOConfig(**config) if isinstance(config, dict) else (config or OGPOConfig())
-        self.config, self.env_id, self.env_kwargs = config, env_id, dict(env_kwargs or {})
+        config = self.configure(config, OGPOConfig, env_id, env_kwargs)
         c = config
         if not (hasattr(policy, "sample") and hasattr(policy, "log_prob")):
             raise TypeError(f"OGPO trains a generative policy's chain (sample + log_prob), got {type(policy).__name__}")
         if demos is None and (c.offline_ratio > 0 or c.bc_coef > 0):
             raise ValueError("offline_ratio > 0 or bc_coef > 0 uses demonstrations: pass demos=<EpisodeDataset>, "
                              "or set both to 0 to learn from online data only")
-        torch.manual_seed(c.seed)
-        self.gen = torch.Generator().manual_seed(c.seed)
+        self.seed_torch(c.seed)
         self.policy = policy
         policy.eval().requires_grad_(False)  # eval mode: rollouts sample with the EMA weights
         policy.model.requires_grad_(True)  # the live weights train
-        env = PolicyChunkEnv(gym.make(env_id, **self.env_kwargs), policy)
-        self.execute, self.chunk_dim = policy.config.n_action_steps, env.chunk_dim
-        d = self.execute * policy.action_dim
-        obs_shapes = {k: tuple(s.shape) for k, s in env.observation_space.spaces.items()}
-        obs_dim = sum(int(np.prod(s)) for s in obs_shapes.values())
-        self.critic = QEnsemble(obs_dim, d, c.hidden, ensemble=c.ensemble, layer_norm=True)
-        self.critic_target = target_copy(self.critic)
-        self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=c.lr)
+        env, obs_shapes, obs_dim, d = self.chunk_env_and_critic(policy, c.hidden, c.ensemble, c.lr)
         self.actor_opt = torch.optim.Adam(policy.model.parameters(), lr=c.actor_lr)
 
         fields = {"obs": obs_shapes, "action": (d,), "chunk": (self.chunk_dim,), "reward": (),

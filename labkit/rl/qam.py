@@ -36,15 +36,13 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import gymnasium as gym
-import numpy as np
 import torch
 from torch import nn
 
 from labkit.rl.best_of_n import critic_action, critic_obs, dataset_chunks
 from labkit.rl.buffer import MixedSampler, ReplayBuffer
-from labkit.rl.critics import QEnsemble, mean_minus_std, polyak_update, target_copy
-from labkit.rl.loop import ChunkRuntime, OffPolicyAgent, PolicyChunkEnv, frozen
+from labkit.rl.critics import mean_minus_std, polyak_update
+from labkit.rl.loop import ChunkRuntime, OffPolicyAgent, frozen
 
 Velocity = Callable[[torch.Tensor, float], torch.Tensor]  # v(x [B, ...], t) -> [B, ...], t a float
 
@@ -195,20 +193,15 @@ class QAM(OffPolicyAgent):
 
     def __init__(self, policy, env_id: str, config: QAMConfig | dict | None = None, demos=None,
                  env_kwargs: dict | None = None):
-        import labkit.envs  # noqa: F401  (registers the tasks)
         from labkit.policies import FlowPolicy
 
-        config = QAMConfig(**config) if isinstance(config, dict) else (config or QAMConfig())
-        self.config, self.env_id, self.env_kwargs = config, env_id, dict(env_kwargs or {})
+        config = self.configure(config, QAMConfig, env_id, env_kwargs)
         c = config
         if not isinstance(policy, FlowPolicy):
             raise TypeError(f"QAM finetunes a flow policy (labkit.policies.FlowPolicy: its velocity is what adjoint "
                             f"matching regresses), got {type(policy).__name__}")
-        if c.offline_ratio > 0 and demos is None:
-            raise ValueError("offline_ratio > 0 mixes demonstrations into every batch: pass demos=<EpisodeDataset>, "
-                             "or set offline_ratio=0 to learn from online data only")
-        torch.manual_seed(c.seed)
-        self.gen = torch.Generator().manual_seed(c.seed)
+        self.require_demos(c, demos)
+        self.seed_torch(c.seed)
         self.policy = frozen(policy)
         self.steps = c.flow_steps or policy.config.steps
         if self.steps < 2:
@@ -217,14 +210,7 @@ class QAM(OffPolicyAgent):
         self.actor = copy.deepcopy(self.base).requires_grad_(True).train()  # v_theta, starting at v_beta
         self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=c.actor_lr)
 
-        env = PolicyChunkEnv(gym.make(env_id, **self.env_kwargs), policy)
-        self.execute, self.chunk_dim = policy.config.n_action_steps, env.chunk_dim
-        d = self.execute * policy.action_dim
-        obs_shapes = {k: tuple(s.shape) for k, s in env.observation_space.spaces.items()}
-        obs_dim = sum(int(np.prod(s)) for s in obs_shapes.values())
-        self.critic = QEnsemble(obs_dim, d, c.hidden, ensemble=c.ensemble, layer_norm=True)
-        self.critic_target = target_copy(self.critic)
-        self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=c.critic_lr)
+        env, obs_shapes, obs_dim, d = self.chunk_env_and_critic(policy, c.hidden, c.ensemble, c.critic_lr)
 
         fields = {"obs": obs_shapes, "action": (d,), "reward": (), "next_obs": obs_shapes, "discount": ()}
         self.buffer = ReplayBuffer(c.buffer_size, fields)

@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import labkit.envs  # the tasks' scripted experts, which intervene
 from labkit.data.dataset import EpisodeDataset
 from labkit.data.keys import env_key
 from labkit.eval import evaluate, rollout
@@ -234,10 +235,7 @@ class RECAP(Agent):
     def __init__(self, source, env_id: str, config: RECAPConfig | dict | None = None,
                  dataset: EpisodeDataset | None = None, env_kwargs: dict | None = None,
                  binarize_fn: Callable | None = None):
-        import labkit.envs  # noqa: F401  (registers the tasks)
-
-        config = RECAPConfig(**config) if isinstance(config, dict) else (config or RECAPConfig())
-        self.config, self.env_id, self.env_kwargs = config, env_id, dict(env_kwargs or {})
+        config = self.configure(config, RECAPConfig, env_id, env_kwargs)
         torch.manual_seed(config.seed)
         self.rng = np.random.default_rng(config.seed)
         if isinstance(source, EpisodeDataset):

@@ -215,16 +215,10 @@ class ResidualRL(OffPolicyAgent):
     def __init__(self, policy, env_id: str, config: ResidualConfig | dict | None = None, demos=None,
                  env_kwargs: dict | None = None, critic_loss_fn: Callable | None = None,
                  actor_loss_fn: Callable | None = None):
-        import labkit.envs  # noqa: F401  (registers the tasks)
-
-        config = ResidualConfig(**config) if isinstance(config, dict) else (config or ResidualConfig())
-        self.config, self.env_id, self.env_kwargs = config, env_id, dict(env_kwargs or {})
+        config = self.configure(config, ResidualConfig, env_id, env_kwargs)
         c = config
-        if c.offline_ratio > 0 and demos is None:
-            raise ValueError("offline_ratio > 0 mixes demonstrations into every batch: pass demos=<EpisodeDataset>, "
-                             "or set offline_ratio=0 to learn from online data only")
-        torch.manual_seed(c.seed)
-        self.gen = torch.Generator().manual_seed(c.seed)
+        self.require_demos(c, demos)
+        self.seed_torch(c.seed)
         self.policy = frozen(policy)
         env = gym.make(env_id, **self.env_kwargs)
         self.space = ResidualSpace(policy, env.action_space.low, env.action_space.high)

@@ -262,18 +262,14 @@ class RLT(OffPolicyAgent):
 
     def __init__(self, policy, env_id: str, config: RLTConfig | dict | None = None, demos=None,
                  env_kwargs: dict | None = None, actor_loss_fn: Callable = actor_objective):
-        import labkit.envs  # noqa: F401  (registers the tasks)
-
-        config = RLTConfig(**config) if isinstance(config, dict) else (config or RLTConfig())
-        self.config, self.env_id, self.env_kwargs = config, env_id, dict(env_kwargs or {})
+        config = self.configure(config, RLTConfig, env_id, env_kwargs)
         self.actor_loss_fn = actor_loss_fn  # a lesson hands in its own (same arguments as actor_objective)
         c = config
         if demos is None:
             raise ValueError("RLT trains its token on the base's features over demonstrations: "
                              "pass demos=<EpisodeDataset> (e.g. the base's own training demos)")
         readout_layer(policy)  # a base without an MLP readout is named before anything runs
-        torch.manual_seed(c.seed)
-        self.gen = torch.Generator().manual_seed(c.seed)
+        self.seed_torch(c.seed)
         self.policy = frozen(policy)
         env = PolicyChunkEnv(gym.make(env_id, **self.env_kwargs), policy)
         self.execute = policy.config.n_action_steps
