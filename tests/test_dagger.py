@@ -140,3 +140,30 @@ def test_dagger_round_labels_off_demonstration_states_and_counts_them():
     assert gap.max() > 0.1, gap.max()
     bc = first_labels(expert_demos(ENV, 30, seed=0, expert=_Right), len(data))
     assert len(bc) == len(data)
+
+
+def test_pursuit_expert_labels_from_the_observation_and_goes_round_its_side():
+    from labkit.envs.detour import PursuitExpert
+    from labkit.eval import evaluate, rollout_states
+
+    check_labeller(PursuitExpert, ENV)  # a continuous function of the observation: it may label any state
+    for side in (1.0, -1.0):
+        expert = PursuitExpert(side=side)
+        assert evaluate(expert, ENV, episodes=10, progress=False).success_rate == 1.0
+        paths = rollout_states(expert, ENV, 5)
+        beside_wall = np.concatenate([p[np.abs(p[:, 1]) < 0.1, 0] for p in paths])  # x while level with the wall
+        assert len(beside_wall) and np.all(np.sign(beside_wall) == side)
+    with pytest.raises(ValueError, match="side"):
+        PursuitExpert(side=0.5)
+
+
+def test_equal_labels_gives_bc_exactly_daggers_label_count_and_names_the_verdict():
+    from labkit.policies.dagger import equal_labels
+
+    demos = expert_demos(ENV, 20, seed=0, expert=_Right)
+    make = lambda d: BCPolicy.from_dataset(d, horizon=1, n_action_steps=1, hidden=32, layers=1)  # noqa: E731
+    run = equal_labels(make, demos, ENV, start_demos=1, rounds=1, episodes=2, steps=20, expert=_Right, eval_episodes=4)
+    assert run["bc_labels"] == run["labels"] == run["history"][-1]["labels"] > len(demos.select([0]))
+    (d_lo, d_hi), (b_lo, b_hi) = run["results"]["DAgger"].interval, run["results"]["BC"].interval
+    expected = "DAgger ahead" if d_lo > b_hi else "BC ahead" if b_lo > d_hi else "no clear winner: the intervals overlap"
+    assert run["verdict"] == expected and run["results"]["BC"].episodes == 4

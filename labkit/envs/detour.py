@@ -134,3 +134,40 @@ class DetourExpert:
         speed = MAX_SPEED if self.wp < 2 else min(MAX_SPEED, 3.0 * dist)
         v = delta / max(dist, 1e-8) * speed + self.rng.normal(0, self.noise, 2)
         return np.clip(v, -MAX_SPEED, MAX_SPEED).astype(np.float32)
+
+
+class PursuitExpert:
+    """A state-feedback expert with one mode, for interactive imitation (DAgger): pure pursuit along the
+    path start -> (side, -0.2) -> (side, 0.2) -> goal. Its command points at the path point `lookahead`
+    metres of arc length beyond the robot's projection onto the path, at full speed, slowing near the
+    goal. Unlike DetourExpert, whose waypoint switches (and whose side is drawn per episode), its answer
+    is a continuous function of the observation alone, so it can label any state a learner visits.
+    `side`: +1 round the right of the wall, -1 the left. `noise`: std of Gaussian noise on the command."""
+
+    def __init__(self, env=None, side: float = 1.0, noise: float = 0.0, lookahead: float = 0.15):
+        if side not in (1.0, -1.0):
+            raise ValueError(f"side is +1 (right) or -1 (left), got {side!r}")
+        self.side, self.noise, self.lookahead = float(side), float(noise), float(lookahead)
+        self.reset()
+
+    def reset(self, seed: int | None = None):
+        self.rng = np.random.default_rng(seed)
+
+    def __call__(self, obs) -> np.ndarray:
+        s = np.asarray(obs["state"], dtype=np.float64)
+        pos, goal = s[:2], s[4:6]
+        x = self.side * (WALL_HALF[0] + 0.15)
+        path = np.array([[0.0, START_Y], [x, -0.2], [x, 0.2], goal])
+        seg = path[1:] - path[:-1]
+        length = np.linalg.norm(seg, axis=1)
+        ends = np.concatenate([[0.0], np.cumsum(length)])
+        t = np.clip(((pos - path[:-1]) * seg).sum(1) / length**2, 0.0, 1.0)  # projection on each segment
+        i = int(np.argmin(np.linalg.norm(path[:-1] + t[:, None] * seg - pos, axis=1)))
+        ahead = min(ends[i] + t[i] * length[i] + self.lookahead, ends[-1])
+        j = min(int(np.searchsorted(ends, ahead, side="right")) - 1, len(length) - 1)
+        delta = path[j] + (ahead - ends[j]) / length[j] * seg[j] - pos
+        speed = min(MAX_SPEED, 3.0 * np.linalg.norm(goal - pos))  # slow near the goal, as DetourExpert does
+        v = delta / max(np.linalg.norm(delta), 1e-8) * speed
+        if self.noise:
+            v = v + self.rng.normal(0, self.noise, 2)
+        return np.clip(v, -MAX_SPEED, MAX_SPEED).astype(np.float32)

@@ -222,6 +222,31 @@ def dagger(make_policy: Callable, demos: EpisodeDataset, env_id: str, rounds: in
     return policy, history, dataset
 
 
+def equal_labels(make_policy: Callable, demos: EpisodeDataset, env_id: str, start_demos: int = 2, rounds: int = 3,
+                 episodes: int = 2, steps: int = 1000, expert: Callable | None = None, aggregate: Callable = aggregate,
+                 seed: int = 0, eval_episodes: int = 100, env_kwargs: dict | None = None,
+                 fit_kwargs: dict | None = None) -> dict:
+    """DAgger against BC at equal expert labels: DAgger from the first `start_demos` of `demos`, then BC on
+    as many labels, all from `demos` in order (`first_labels`), same learner, steps and initial weights;
+    both evaluated on `eval_episodes` episodes from EVAL_SEED. Returns {"DAgger": policy, "BC": policy,
+    "results": {"DAgger": EvalResult, "BC": EvalResult}, "labels", "bc_labels", "bc_demos", "history", "verdict"}."""
+    from labkit.data.shipped import EVAL_SEED
+
+    policy, history, data = dagger(make_policy, demos.select(range(start_demos)), env_id, rounds=rounds,
+                                   episodes=episodes, steps=steps, expert=expert, aggregate=aggregate, seed=seed,
+                                   env_kwargs=env_kwargs, fit_kwargs=fit_kwargs)
+    torch.manual_seed(seed)  # the same initial weights as DAgger's policies
+    bc_data = first_labels(demos, len(data), keys=_low_dim_keys(policy))
+    bc = fit(make_policy(bc_data), bc_data, steps=steps, seed=seed, progress=False, **(fit_kwargs or {}))
+    results = {name: evaluate(p, env_id, episodes=eval_episodes, seed=EVAL_SEED, env_kwargs=env_kwargs, progress=False)
+               for name, p in (("DAgger", policy), ("BC", bc))}
+    (d_lo, d_hi), (b_lo, b_hi) = results["DAgger"].interval, results["BC"].interval
+    verdict = "DAgger ahead" if d_lo > b_hi else "BC ahead" if b_lo > d_hi else "no clear winner: the intervals overlap"
+    return {"DAgger": policy, "BC": bc, "results": results, "labels": len(data), "bc_labels": len(bc_data),
+            "bc_demos": bc_data.num_episodes,
+            "history": history, "verdict": verdict}
+
+
 def distance_to_demos(paths: list[np.ndarray], demo_points: np.ndarray, steps: int | None = None) -> np.ndarray:
     """Compounding error, step by step: for each time t the distance from a policy's state to the
     NEAREST demonstration state (any demo, any time), averaged over episodes. `paths` are [T_i, d]
@@ -240,3 +265,33 @@ def distance_to_demos(paths: list[np.ndarray], demo_points: np.ndarray, steps: i
         d2 = ((p[:, None, :] - demo_points[None]) ** 2).sum(-1)
         out += np.sqrt(d2.min(1))
     return out / len(paths)
+
+
+def main(argv=None) -> None:
+    """Lesson 01's comparison over training seeds: `python -m labkit.policies.dagger --learner flow --seeds 0 1 2`.
+    Seed s records its 40 demonstrations of PursuitExpert from seed 100 * s (seed 0: the lesson's) and trains
+    with seed s; one line per seed."""
+    import argparse
+
+    from labkit.envs.detour import PursuitExpert
+    from labkit.policies import BCPolicy, FlowPolicy
+
+    p = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
+    p.add_argument("--learner", choices=("flow", "mse"), default="flow")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--steps", type=int, default=1000)
+    a = p.parse_args(argv)
+    cls = FlowPolicy if a.learner == "flow" else BCPolicy
+    for s in a.seeds:
+        start = time.process_time()
+        demos = expert_demos("labkit/Detour-v0", 40, seed=100 * s, expert=PursuitExpert)
+        run = equal_labels(lambda d: cls.from_dataset(d, horizon=1, n_action_steps=1), demos, "labkit/Detour-v0",
+                           steps=a.steps, expert=PursuitExpert, seed=s)
+        d, b = run["results"]["DAgger"], run["results"]["BC"]
+        print(f"{a.learner} seed {s}: {run['labels']} labels (BC {run['bc_demos']} demos) | DAgger {d.success_rate:.0%} "
+              f"({d.interval[0]:.0%}-{d.interval[1]:.0%}) | BC {b.success_rate:.0%} ({b.interval[0]:.0%}-{b.interval[1]:.0%})"
+              f" | {run['verdict']} | {(time.process_time() - start) / 60:.1f} CPU-min", flush=True)
+
+
+if __name__ == "__main__":
+    main()
