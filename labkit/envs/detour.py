@@ -144,7 +144,7 @@ class PursuitExpert:
     is a continuous function of the observation alone, so it can label any state a learner visits.
     `side`: +1 round the right of the wall, -1 the left. `noise`: std of Gaussian noise on the command."""
 
-    def __init__(self, env=None, side: float = 1.0, noise: float = 0.0, lookahead: float = 0.15):
+    def __init__(self, env=None, side: float = 1.0, noise: float = 0.0, lookahead: float = 0.15):  # env: unused (an expert factory takes one)
         if side not in (1.0, -1.0):
             raise ValueError(f"side is +1 (right) or -1 (left), got {side!r}")
         self.side, self.noise, self.lookahead = float(side), float(noise), float(lookahead)

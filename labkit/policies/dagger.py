@@ -243,8 +243,7 @@ def equal_labels(make_policy: Callable, demos: EpisodeDataset, env_id: str, star
     (d_lo, d_hi), (b_lo, b_hi) = results["DAgger"].interval, results["BC"].interval
     verdict = "DAgger ahead" if d_lo > b_hi else "BC ahead" if b_lo > d_hi else "no clear winner: the intervals overlap"
     return {"DAgger": policy, "BC": bc, "results": results, "labels": len(data), "bc_labels": len(bc_data),
-            "bc_demos": bc_data.num_episodes,
-            "history": history, "verdict": verdict}
+            "bc_demos": bc_data.num_episodes, "history": history, "verdict": verdict}
 
 
 def distance_to_demos(paths: list[np.ndarray], demo_points: np.ndarray, steps: int | None = None) -> np.ndarray:

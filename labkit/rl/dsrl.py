@@ -151,8 +151,7 @@ class DSRL(OffPolicyAgent):
 
     def __init__(self, policy, env_id: str, config: DSRLConfig | dict | None = None,
                  env_kwargs: dict | None = None):
-        config = self.configure(config, DSRLConfig, env_id, env_kwargs)
-        c = config
+        c = config = self.configure(config, DSRLConfig, env_id, env_kwargs)
         self.seed_torch(c.seed)
         self.policy = frozen(policy)
         env = NoiseSpaceEnv(gym.make(env_id, **self.env_kwargs), policy, c.noise_bound, c.denoise_steps)

@@ -112,8 +112,7 @@ class EXPO(OffPolicyAgent):
 
     def __init__(self, policy, env_id: str, config: EXPOConfig | dict | None = None, demos=None,
                  env_kwargs: dict | None = None):
-        config = self.configure(config, EXPOConfig, env_id, env_kwargs)
-        c = config
+        c = config = self.configure(config, EXPOConfig, env_id, env_kwargs)
         if not hasattr(policy, "sample"):
             raise TypeError(f"EXPO needs a generative policy with sample(obs, ...), got {type(policy).__name__}")
         self.require_demos(c, demos)

@@ -113,8 +113,7 @@ class OGPO(OffPolicyAgent):
 
     def __init__(self, policy, env_id: str, config: OGPOConfig | dict | None = None, demos=None,
                  env_kwargs: dict | None = None):
-        config = self.configure(config, OGPOConfig, env_id, env_kwargs)
-        c = config
+        c = config = self.configure(config, OGPOConfig, env_id, env_kwargs)
         if not (hasattr(policy, "sample") and hasattr(policy, "log_prob")):
             raise TypeError(f"OGPO trains a generative policy's chain (sample + log_prob), got {type(policy).__name__}")
         if demos is None and (c.offline_ratio > 0 or c.bc_coef > 0):

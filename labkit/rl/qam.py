@@ -195,8 +195,7 @@ class QAM(OffPolicyAgent):
                  env_kwargs: dict | None = None):
         from labkit.policies import FlowPolicy
 
-        config = self.configure(config, QAMConfig, env_id, env_kwargs)
-        c = config
+        c = config = self.configure(config, QAMConfig, env_id, env_kwargs)
         if not isinstance(policy, FlowPolicy):
             raise TypeError(f"QAM finetunes a flow policy (labkit.policies.FlowPolicy: its velocity is what adjoint "
                             f"matching regresses), got {type(policy).__name__}")

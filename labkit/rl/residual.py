@@ -215,8 +215,7 @@ class ResidualRL(OffPolicyAgent):
     def __init__(self, policy, env_id: str, config: ResidualConfig | dict | None = None, demos=None,
                  env_kwargs: dict | None = None, critic_loss_fn: Callable | None = None,
                  actor_loss_fn: Callable | None = None):
-        config = self.configure(config, ResidualConfig, env_id, env_kwargs)
-        c = config
+        c = config = self.configure(config, ResidualConfig, env_id, env_kwargs)
         self.require_demos(c, demos)
         self.seed_torch(c.seed)
         self.policy = frozen(policy)

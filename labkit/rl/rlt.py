@@ -262,9 +262,8 @@ class RLT(OffPolicyAgent):
 
     def __init__(self, policy, env_id: str, config: RLTConfig | dict | None = None, demos=None,
                  env_kwargs: dict | None = None, actor_loss_fn: Callable = actor_objective):
-        config = self.configure(config, RLTConfig, env_id, env_kwargs)
+        c = config = self.configure(config, RLTConfig, env_id, env_kwargs)
         self.actor_loss_fn = actor_loss_fn  # a lesson hands in its own (same arguments as actor_objective)
-        c = config
         if demos is None:
             raise ValueError("RLT trains its token on the base's features over demonstrations: "
                              "pass demos=<EpisodeDataset> (e.g. the base's own training demos)")
