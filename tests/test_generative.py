@@ -209,9 +209,12 @@ def test_activation_is_a_choice_and_silu_learns_both_modes():
         toy_policy(FlowPolicy, activation="swish")
 
 
+@pytest.mark.parametrize("net", [{}, {"obs_layers": 2, "obs_hidden": 24}])
 @pytest.mark.parametrize("cls", CLASSES)
-def test_checkpoint_keeps_ema_weights_and_normaliser(cls, detour_ds, tmp_path):
-    policy = cls.from_dataset(detour_ds, horizon=8, n_action_steps=4, hidden=32, layers=1)
+def test_checkpoint_keeps_ema_weights_and_normaliser(cls, net, detour_ds, tmp_path):
+    policy = cls.from_dataset(detour_ds, horizon=8, n_action_steps=4, hidden=32, layers=1, **net)
+    if net:  # the observation MLP sits inside the encoder: the denoiser reads its 24 features
+        assert policy.model["encoder"].out_dim == 24 and policy.model["encoder"].mlp[-1].normalized_shape == (24,)
     fit(policy, detour_ds, steps=20, batch_size=32, progress=False)
     assert int(policy.ema.step) == 20
     live, ema = policy.model.state_dict(), policy.ema.model.state_dict()
@@ -268,6 +271,10 @@ def test_bad_configs(detour_ds):
         DiffusionPolicy.from_dataset(detour_ds, steps=200)
     with pytest.raises(ValueError, match="unknown DiffusionConfig fields"):
         DiffusionPolicy({"betas": 1}, {"observation.state": [6], "action": [2]}, detour_ds.stats)
+    with pytest.raises(ValueError, match="obs_layers must be an int >= 0"):
+        FlowPolicy.from_dataset(detour_ds, obs_layers=-1)
+    with pytest.raises(ValueError, match="obs_hidden"):
+        FlowPolicy.from_dataset(detour_ds, obs_layers=1, obs_hidden=0)
     with pytest.raises(TypeError, match=r"hidden must be an int, got \(64, 64\)"):  # BC's form; was a raw '<' error
         FlowPolicy.from_dataset(detour_ds, hidden=(64, 64))
 

@@ -26,6 +26,7 @@ from labkit.language.commands import (
 from labkit.language.steer import (
     TEXT_KEY,
     LanguageRuntime,
+    LearnedReasoner,
     command_dataset,
     controllability,
     episode_tasks,
@@ -165,3 +166,25 @@ def test_runtime_logs_and_checks(demos):
 def test_held_out_templates_are_not_training_words():
     assert not set(HELD_OUT_TEMPLATES) & set(TRAIN_TEMPLATES)
     assert torch.is_tensor(torch.zeros(1))
+
+
+def test_learned_reasoner_learns_the_motions_and_round_trips(demos, tmp_path):
+    enc = VocabEncoder(list(TASKS), width=8)
+    labels = np.concatenate([[parse_motion(m) for m in label_episode(demos.frames["observation.state"][a:b], t)["motion"]]
+                             for a, b, t in zip(demos.episode_from, demos.episode_to, episode_tasks(demos))])
+    zero_loss = float((labels ** 2).sum(-1).mean() * 1e4)  # cm^2 of saying "hold still" everywhere
+    reasoner = LearnedReasoner(enc, hidden=64, layers=2).fit(demos, steps=400, schedule="cosine")
+    assert reasoner.final_loss < 0.5 * zero_loss, (reasoner.final_loss, zero_loss)
+    state = demos.frames["observation.state"][5]
+    said = reasoner.say(state, 0)
+    parse_motion(said)  # a motion command
+    reasoner.save(tmp_path / "r.pt")
+    again = LearnedReasoner.load(tmp_path / "r.pt", enc)
+    assert again.sizes == reasoner.sizes and again.say(state, 0) == said
+    with pytest.raises(ValueError, match="wide"):
+        LearnedReasoner.load(tmp_path / "r.pt", VocabEncoder(list(TASKS), width=4))
+    (tmp_path / "bad.pt").write_bytes((tmp_path / "r.pt").read_bytes()[:100])
+    with pytest.raises(ValueError, match="bad.pt is not a LearnedReasoner checkpoint"):
+        LearnedReasoner.load(tmp_path / "bad.pt", enc)
+    with pytest.raises(FileNotFoundError, match="no reasoner checkpoint"):
+        LearnedReasoner.load(tmp_path / "none.pt", enc)

@@ -3,8 +3,8 @@ rebuilds it:
 
     python -m labkit.language.pretrained            # ~15 min on a 2-core laptop CPU (meta.json: how long)
 
-One FlowPolicy reads the state (10-D, no task code) and a command's all-MiniLM-L6-v2 embedding, FiLM-
-conditioned, and is trained on every command level (task paraphrases, subtasks, motions, points) of
+One FlowPolicy reads the state (10-D, no task code) and a command's all-MiniLM-L6-v2 embedding through an
+MLP, FiLM-conditioned on its output, and is trained on every command level (task paraphrases, subtasks, motions, points) of
 the expert's episodes on the 9 SEEN_TASKS; HELD_OUT_TASKS (one per colour and per corner, so each word
 was seen in other compositions) are never in its data. The checkpoint holds the weights only (loaded
 with weights_only=True); `meta.json` beside it records how it was made and how long it took.
@@ -27,9 +27,15 @@ SEEN_TASKS = tuple(t for t in range(len(TASKS)) if t not in HELD_OUT_TASKS)
 # episode): told only the task, the policy must read it from the sentence and the scene for a whole
 # episode, the hardest level to learn; motions are what the reasoner steers with. Measured on 100
 # episodes (README): task x2 alone lifted task-sentence success 38% -> 50% but cut motion 93% -> 76%.
-RECIPE = {"episodes_per_task": 100, "steps": 25000, "batch_size": 256, "seed": 0, "threads": 2,
+# An MLP over [state, sentence] before the FiLM denoiser (obs_layers) and 300 episodes a task: told the
+# task sentence 41% -> 64%, motions 89% -> 92% (README's probes). One thread: two gave 12.3 min for 100
+# episodes a task, one 11.9 (small matrices do not split well over two cores).
+RECIPE = {"episodes_per_task": 300, "steps": 25000, "batch_size": 256, "seed": 0, "threads": 1,
           "levels": ("task", "task", "subtask", "motion", "motion", "point"),
-          "policy": {"horizon": 8, "n_action_steps": 2, "activation": "silu"}}
+          "policy": {"horizon": 8, "n_action_steps": 2, "activation": "silu", "obs_layers": 2, "obs_hidden": 256},
+          # The learned reasoner (LearnedReasoner) on the same episodes: with the earlier policy, 2 x 256 and
+          # 30,000 cosine steps steered 72% of seen-task episodes, 3 x 512 at 15,000 steps 74% (100 each).
+          "reasoner": {"steps": 30000, "hidden": 256, "layers": 2, "schedule": "cosine"}}
 
 
 class MissingPretrainedError(FileNotFoundError):
@@ -37,31 +43,49 @@ class MissingPretrainedError(FileNotFoundError):
 
 
 def build(episodes_per_task: int = RECIPE["episodes_per_task"], steps: int = RECIPE["steps"],
-          seed: int = RECIPE["seed"], out: Path = CHECKPOINT, progress: bool = True) -> Path:
-    """Record the expert on SEEN_TASKS, label every level, train the flow policy, save it and its meta."""
+          seed: int = RECIPE["seed"], out: Path = CHECKPOINT, progress: bool = True, parts=("policy", "reasoner")) -> Path:
+    """Record the expert on SEEN_TASKS, label every level, train the flow policy and the learned reasoner on
+    the same episodes, save them and meta.json. `parts=("reasoner",)` retrains the reasoner alone (the
+    policy's meta kept)."""
     import torch
 
     from labkit.envs.tabletop import demos
-    from labkit.language.steer import TEXT_KEY, command_dataset
+    from labkit.language.steer import TEXT_KEY, LearnedReasoner, command_dataset
     from labkit.language.text import PretrainedTextEncoder
     from labkit.policies import FlowPolicy
     from labkit.policies.train import fit
 
-    torch.set_num_threads(RECIPE["threads"])  # both cores of a 2-core laptop: ~1.5x one at batch 256
+    torch.set_num_threads(RECIPE["threads"])
     start, cpu = time.perf_counter(), time.process_time()
     data = demos("robot", SEEN_TASKS, episodes_per_task, seed, instruction="text")
-    commands = command_dataset(data, PretrainedTextEncoder(), RECIPE["levels"])
-    policy = FlowPolicy.from_dataset(commands, obs_keys=("observation.state", TEXT_KEY), **RECIPE["policy"])
-    fit(policy, commands, steps=steps, batch_size=RECIPE["batch_size"], seed=seed, progress=progress)
+    encoder, out = PretrainedTextEncoder(), Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    policy.save(out)
-    meta = {"seen_tasks": list(SEEN_TASKS), "held_out_tasks": list(HELD_OUT_TASKS), "encoder": "all-MiniLM-L6-v2",
-            "episodes_per_task": episodes_per_task, "frames": len(data), "training_frames": len(commands),
-            "levels": list(RECIPE["levels"]), "steps": steps, "seed": seed, "threads": RECIPE["threads"], "wall_minutes": round((time.perf_counter() - start) / 60, 1),
-            "cpu_minutes": round((time.process_time() - cpu) / 60, 1), "final_loss": float(policy.losses()[-500:].mean()),
-            "command": "python -m labkit.language.pretrained"}
-    (out.parent / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+    info = meta(out) if "policy" not in parts else {}
+    if "policy" in parts:
+        commands = command_dataset(data, encoder, RECIPE["levels"])
+        policy = FlowPolicy.from_dataset(commands, obs_keys=("observation.state", TEXT_KEY), **RECIPE["policy"])
+        fit(policy, commands, steps=steps, batch_size=RECIPE["batch_size"], seed=seed, progress=progress)
+        policy.save(out)
+        info = {"seen_tasks": list(SEEN_TASKS), "held_out_tasks": list(HELD_OUT_TASKS), "encoder": encoder.name,
+                "episodes_per_task": episodes_per_task, "frames": len(data), "training_frames": len(commands),
+                "levels": list(RECIPE["levels"]), "policy": RECIPE["policy"], "steps": steps, "seed": seed,
+                "threads": RECIPE["threads"], "wall_minutes": round((time.perf_counter() - start) / 60, 1),
+                "cpu_minutes": round((time.process_time() - cpu) / 60, 1),
+                "final_loss": float(policy.losses()[-500:].mean()), "command": "python -m labkit.language.pretrained"}
+    if "reasoner" in parts:
+        r_start, r_cpu, r = time.perf_counter(), time.process_time(), RECIPE["reasoner"]
+        reasoner = LearnedReasoner(encoder, hidden=r["hidden"], layers=r["layers"])
+        reasoner.fit(data, steps=r["steps"], batch_size=RECIPE["batch_size"], seed=seed, schedule=r["schedule"])
+        reasoner.save(reasoner_path(out))
+        info["reasoner"] = {**r, "episodes_per_task": episodes_per_task, "final_loss_cm2": reasoner.final_loss,
+                            "wall_minutes": round((time.perf_counter() - r_start) / 60, 1),
+                            "cpu_minutes": round((time.process_time() - r_cpu) / 60, 1)}
+    (out.parent / "meta.json").write_text(json.dumps(info, indent=1) + "\n")
     return out
+
+
+def reasoner_path(policy_path: Path = CHECKPOINT) -> Path:
+    return Path(policy_path).parent / "tabletop_reasoner.pt"
 
 
 def load_pretrained(path: Path = CHECKPOINT):
@@ -73,8 +97,19 @@ def load_pretrained(path: Path = CHECKPOINT):
     return load_policy(path)
 
 
+def load_reasoner(encoder, path: Path = CHECKPOINT):
+    """The shipped learned reasoner (state + task sentence -> the next motion command), trained on the same
+    episodes as the shipped policy; with it the policy is told the task sentence only, as two levels."""
+    from labkit.language.steer import LearnedReasoner
+
+    if not reasoner_path(path).exists():
+        raise MissingPretrainedError(f"no learned reasoner at {reasoner_path(path)}: rebuild it with "
+                                     "`python -m labkit.language.pretrained --parts reasoner`")
+    return LearnedReasoner.load(reasoner_path(path), encoder)
+
+
 def meta(path: Path = CHECKPOINT) -> dict:
-    """How the shipped checkpoint was made (meta.json beside it)."""
+    """How the shipped checkpoints were made (meta.json beside them)."""
     return json.loads((Path(path).parent / "meta.json").read_text())
 
 
@@ -83,5 +118,7 @@ if __name__ == "__main__":
     p.add_argument("--episodes-per-task", type=int, default=RECIPE["episodes_per_task"])
     p.add_argument("--steps", type=int, default=RECIPE["steps"])
     p.add_argument("--out", type=Path, default=CHECKPOINT)
+    p.add_argument("--parts", nargs="+", choices=("policy", "reasoner"), default=("policy", "reasoner"),
+                   help="what to (re)train: the flow policy, the learned reasoner, or both")
     a = p.parse_args()
-    print(build(a.episodes_per_task, a.steps, out=a.out))
+    print(build(a.episodes_per_task, a.steps, out=a.out, parts=a.parts))

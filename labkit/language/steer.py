@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -142,31 +143,51 @@ class LearnedReasoner(nn.Module):
     next MOTION_STEPS steps (m), written as a motion command. What the scripted reasoner knows from the
     expert's rule, it must learn from demonstrations."""
 
-    def __init__(self, encoder, state_dim: int = 10, hidden: int = 256):
+    def __init__(self, encoder, state_dim: int = 10, hidden: int = 256, layers: int = 3):
         super().__init__()
-        self.encoder = encoder
-        self.net = mlp(state_dim + encoder.width, 2, hidden, 3)
+        self.encoder, self.sizes = encoder, {"state_dim": state_dim, "hidden": hidden, "layers": layers}
+        self.net = mlp(state_dim + encoder.width, 2, hidden, layers)
         self.register_buffer("scale", torch.tensor(100.0))  # metres -> cm inside the net
 
     def forward(self, state: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         return self.net(torch.cat([state * 10, text], -1)) / self.scale
 
-    def fit(self, dataset: EpisodeDataset, steps: int = 2000, batch_size: int = 256, seed: int = 0) -> LearnedReasoner:
+    def fit(self, dataset: EpisodeDataset, steps: int = 2000, batch_size: int = 256, seed: int = 0,
+            schedule: str | None = None) -> LearnedReasoner:
         """Regress the labelled motion of each frame of a Tabletop dataset (LeRobot layout) from its state and
-        its task sentence's embedding."""
+        its task sentence's embedding (`schedule`: minibatch_fit's, e.g. "cosine")."""
         state = torch.as_tensor(np.asarray(dataset.frames["observation.state"]), dtype=torch.float32)
         target = np.concatenate([[parse_motion(m) for m in label_episode(state[a:b].numpy(), t)["motion"]]
                                  for a, b, t in zip(dataset.episode_from, dataset.episode_to, episode_tasks(dataset),
                                                     strict=True)])
         target = torch.as_tensor(target, dtype=torch.float32)
-        text = self.encoder.embed([dataset.tasks[int(i)] for i in dataset.frames["task_index"]]).float()
+        # the encoder is frozen here (a learned VocabEncoder's table too): its embeddings are inputs
+        text = self.encoder.embed([dataset.tasks[int(i)] for i in dataset.frames["task_index"]]).detach().float()
 
         def loss(i):
             return (self(state[i], text[i]) - target[i]).pow(2).sum(-1).mean() * 1e4  # cm^2
 
-        losses = minibatch_fit(self.net, loss, len(state), steps, batch_size, seed=seed)
-        self.final_loss = float(losses[-1])
+        losses = minibatch_fit(self.net, loss, len(state), steps, batch_size, seed=seed, schedule=schedule)
+        self.final_loss = float(losses[-500:].mean())
         return self.eval()
+
+    def save(self, path) -> None:
+        torch.save({"sizes": self.sizes, "width": self.encoder.width, "net": self.net.state_dict()}, path)
+
+    @classmethod
+    def load(cls, path, encoder) -> LearnedReasoner:
+        """A saved reasoner (weights only), reading `encoder`'s embeddings (the width it was trained with)."""
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"no reasoner checkpoint at {path}")
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+            sizes, width, weights = ckpt["sizes"], ckpt["width"], ckpt["net"]
+        except Exception as e:  # truncated, not a checkpoint, or another object's
+            raise ValueError(f"{path} is not a LearnedReasoner checkpoint ({type(e).__name__}: {e})") from None
+        check_width(width, encoder.width, f"{type(encoder).__name__}'s embedding")
+        out = cls(encoder, **sizes)
+        out.net.load_state_dict(weights)
+        return out.eval()
 
     @torch.no_grad()
     def say(self, state, task: int, template: str = TRAIN_TEMPLATES[0]) -> str:

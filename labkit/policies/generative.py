@@ -36,6 +36,11 @@ class GenerativeConfig(PolicyConfig):
     kernel_size: int = 5
     n_groups: int = 8  # GroupNorm groups in the U-Net
     time_dim: int = 64  # width of the time / diffusion-step embedding
+    # Hidden layers of an MLP (width obs_hidden, then LayerNorm) over the observation features before the
+    # denoiser; 0: the features as they are. Language on Tabletop needs it: the sentence and the state meet
+    # only through linear FiLM maps otherwise (seen tasks, told the sentence: 41% without, 57% with, 2 x 256).
+    obs_layers: int = 0
+    obs_hidden: int = 256
     # MLP activation. Mish is Diffusion Policy's; SiLU, its smooth near-twin, is ~8x cheaper on CPU.
     activation: str = "mish"
     steps: int = 10  # sampling steps K at inference
@@ -57,12 +62,14 @@ class GenerativeConfig(PolicyConfig):
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         if self.cond not in ("film", "concat"):
             raise ValueError(f"cond must be 'film' or 'concat', got {self.cond!r}")
-        sizes = ("hidden", "layers", "kernel_size", "n_groups", "time_dim")
+        sizes = ("hidden", "layers", "kernel_size", "n_groups", "time_dim", "obs_hidden")
         for k in sizes:  # hidden=(64, 64), as BC's MLP takes it, is a width and a depth here
             if not isinstance(getattr(self, k), int) or isinstance(getattr(self, k), bool):
                 raise TypeError(f"{k} must be an int, got {getattr(self, k)!r} (the generative MLP takes hidden=<width> "
                                 "and layers=<depth>)")
         small = {k: getattr(self, k) for k in sizes if getattr(self, k) < 1}
+        if not isinstance(self.obs_layers, int) or isinstance(self.obs_layers, bool) or self.obs_layers < 0:
+            raise ValueError(f"obs_layers must be an int >= 0 (0: no observation MLP), got {self.obs_layers!r}")
         if small or not self.down_dims or min(self.down_dims) < 1:
             raise ValueError(f"network sizes must be >= 1, got {small or {'down_dims': self.down_dims}}")
         activation(self.activation)  # a ValueError naming the choices
@@ -123,7 +130,8 @@ class GenerativePolicy(Policy):
         super().__init__(config, shapes, stats, env)
         c = self.config
         encoder = ObsEncoder({k: self.shapes[k] for k in c.obs_keys}, c.obs_horizon, c.image_dim,
-                             c.image_encoder, c.pretrained, c.pretrained_meta)
+                             c.image_encoder, c.pretrained, c.pretrained_meta, c.obs_layers, c.obs_hidden,
+                             activation(c.activation))
         denoiser = make_denoiser(c.backbone, c.horizon, self.action_dim, encoder.out_dim, c)
         self.model = nn.ModuleDict({"encoder": encoder, "denoiser": denoiser})
         self.ema = EMA(self.model, c.ema_power, c.ema_max_decay) if c.ema else None

@@ -8,7 +8,7 @@
     PretrainedEncoder a KeypointEncoder that labkit pretrained to read the simulator's state from
                       domain-randomised renders (labkit.vision.pretrain); shipped, loaded frozen
     ObsEncoder        {key: [B, T, ...]} -> one feature vector: vectors flattened, each camera through
-                      its image encoder
+                      its image encoder, optionally an MLP over them all
 
 Why each choice (measured in benchmarks/vision.py): ReLU, not Mish (the conv encoder trains 1.5-1.8x
 faster with ReLU on a CPU); small images (64 px: 2.5x the steps/s of 96 px); a frozen encoder whose
@@ -257,7 +257,8 @@ class ObsEncoder(nn.Module):
     """
 
     def __init__(self, shapes: dict[str, list[int]], obs_horizon: int, image_dim: int = 64,
-                 image_encoder_kind: str = "conv", pretrained: str | None = None, meta: dict | None = None):
+                 image_encoder_kind: str = "conv", pretrained: str | None = None, meta: dict | None = None,
+                 mlp_layers: int = 0, mlp_width: int = 256, act: type[nn.Module] = nn.SiLU):
         super().__init__()
         self.keys = sorted(shapes)
         self.image_keys = [k for k in self.keys if is_image_feature(k)]
@@ -274,6 +275,15 @@ class ObsEncoder(nn.Module):
                                          for k in self.image_keys})
         self.out_dim = obs_horizon * (sum(shapes[k][0] for k in self.vector_keys)
                                       + sum(self.encoder(k).out_dim for k in self.image_keys))
+        # Optional MLP over all the features together (then LayerNorm): a FiLM denoiser reads its input only
+        # through a linear map per block, so products of the inputs (where the named block is, seen from the
+        # robot) must be built here. Absent (mlp_layers=0) the features pass as they are (old checkpoints).
+        self.mlp = None
+        if mlp_layers:
+            layers: list[nn.Module] = []
+            for i in range(mlp_layers):
+                layers += [nn.Linear(self.out_dim if i == 0 else mlp_width, mlp_width), act()]
+            self.mlp, self.out_dim = nn.Sequential(*layers, nn.LayerNorm(mlp_width)), mlp_width
 
     def encoder(self, key: str) -> ImageEncoder:
         return self.image if self.images is None else self.images[key.replace(".", "_")]
@@ -292,4 +302,5 @@ class ObsEncoder(nn.Module):
                 feats.append(self.encoder(k)(x.flatten(0, 1)).view(x.shape[0], -1))
             else:  # features computed ahead [B, T, D]
                 feats.append(x.flatten(1).float())
-        return torch.cat(feats, dim=-1)
+        out = torch.cat(feats, dim=-1)
+        return out if self.mlp is None else self.mlp(out)
