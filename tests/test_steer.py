@@ -171,7 +171,7 @@ def test_held_out_templates_are_not_training_words():
 def test_learned_reasoner_learns_the_motions_and_round_trips(demos, tmp_path):
     enc = VocabEncoder(list(TASKS), width=8)
     labels = np.concatenate([[parse_motion(m) for m in label_episode(demos.frames["observation.state"][a:b], t)["motion"]]
-                             for a, b, t in zip(demos.episode_from, demos.episode_to, episode_tasks(demos))])
+                             for a, b, t in zip(demos.episode_from, demos.episode_to, episode_tasks(demos), strict=True)])
     zero_loss = float((labels ** 2).sum(-1).mean() * 1e4)  # cm^2 of saying "hold still" everywhere
     reasoner = LearnedReasoner(enc, hidden=64, layers=2).fit(demos, steps=400, schedule="cosine")
     assert reasoner.final_loss < 0.5 * zero_loss, (reasoner.final_loss, zero_loss)
@@ -188,3 +188,30 @@ def test_learned_reasoner_learns_the_motions_and_round_trips(demos, tmp_path):
         LearnedReasoner.load(tmp_path / "bad.pt", enc)
     with pytest.raises(FileNotFoundError, match="no reasoner checkpoint"):
         LearnedReasoner.load(tmp_path / "none.pt", enc)
+
+
+def test_expert_action_labels_from_the_observation_as_the_expert_acts(demos):
+    """DAgger's labeller reads only the observed state and gives the expert's own action (its rule, noise-free)."""
+    from labkit.envs.tabletop import TabletopExpert
+    from labkit.language.commands import expert_action
+
+    env = gym.make("labkit/Tabletop-v0", instruction="text", task=5)
+    obs, _ = env.reset(seed=1000)
+    expert = TabletopExpert(env, noise=0.0)
+    for _ in range(30):
+        a = expert(obs)
+        np.testing.assert_allclose(expert_action(obs["state"], 5), a, atol=1e-6)
+        obs = env.step(a)[0]
+
+
+def test_join_commands_keeps_both_datasets_commands(demos):
+    from labkit.language.steer import join_commands
+
+    enc = VocabEncoder(list(TASKS) + ["get behind the block facing corner push into"], width=8, unknown="unk")
+    a, b = command_dataset(demos, enc, ["task"]), command_dataset(demos.select([0]), enc, ["subtask"])
+    both = join_commands(a, b)
+    assert both.num_episodes == a.num_episodes + 1 and len(both) == len(a) + len(b)
+    said = [both.tasks[int(i)] for i in both.frames["task_index"]]
+    assert said[:len(a)] == [a.tasks[int(i)] for i in a.frames["task_index"]]
+    assert said[len(a):] == [b.tasks[int(i)] for i in b.frames["task_index"]]
+    np.testing.assert_array_equal(both.frames[TEXT_KEY][len(a):], b.frames[TEXT_KEY])

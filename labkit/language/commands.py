@@ -22,7 +22,7 @@ import re
 
 import numpy as np
 
-from labkit.envs.tabletop import BODY_R, COLOURS, TASKS, ZONES, expert_move, servo_step, to_pixel
+from labkit.envs.tabletop import BODY_R, COLOURS, ROBOT_STEP, ZONES, expert_move, servo_step, to_pixel
 
 LEVELS = ("task", "subtask", "motion", "point")
 MOTION_STEPS = 4  # a motion or point command covers this many control steps (0.4 s at 10 Hz)
@@ -109,6 +109,14 @@ def is_pushing(state: np.ndarray, task: int) -> bool:
                        BODY_R["robot"])[1]
 
 
+def expert_action(state: np.ndarray, task: int) -> np.ndarray:
+    """What the robot's expert would do at an observed state (its rule, noise-free): DAgger's label."""
+    p, blocks = split_state(state)
+    move = expert_move(p, blocks[task // len(ZONES)], np.array(list(ZONES.values())[task % len(ZONES)]),
+                       BODY_R["robot"])[0]
+    return np.clip(move, -ROBOT_STEP, ROBOT_STEP).astype(np.float32)
+
+
 def subtask_command(state: np.ndarray, task: int) -> str:
     colour, corner = task_parts(task)
     return SUBTASKS[is_pushing(state, task)].format(colour=colour, corner=corner)
@@ -164,5 +172,5 @@ class ScriptedReasoner:
 
 
 __all__ = ["HELD_OUT_TEMPLATES", "LEVELS", "MOTION_STEPS", "POINT_SIZE", "SUBTASKS", "TRAIN_TEMPLATES",
-           "ScriptedReasoner", "is_pushing", "label_episode", "motion_command", "motion_text", "parse_motion",
+           "ScriptedReasoner", "expert_action", "is_pushing", "label_episode", "motion_command", "motion_text", "parse_motion",
            "parse_point", "point_command", "point_text", "split_state", "subtask_command", "task_parts", "task_text"]

@@ -30,7 +30,6 @@ from labkit.language.commands import (
     LEVELS,
     MOTION_STEPS,
     TRAIN_TEMPLATES,
-    ScriptedReasoner,
     label_episode,
     motion_text,
     parse_motion,
@@ -91,6 +90,22 @@ def command_dataset(dataset: EpisodeDataset, encoder, levels: Sequence[str] = LE
     ids = np.array([index[c] for c in commands])
     out = EpisodeDataset.from_episodes(episodes, fps=dataset.fps, tasks=vocab,
                                        columns={TEXT_KEY: table[ids], "task_index": ids.astype(np.int64)})
+    out.info["labkit"] = copy.deepcopy(ENV)
+    out.info["features"][TEXT_KEY]["names"] = None
+    return out
+
+
+def join_commands(a: EpisodeDataset, b: EpisodeDataset) -> EpisodeDataset:
+    """Two command datasets (command_dataset's output) end to end: a's episodes, then b's, with both
+    vocabularies of commands (b's command indices moved past a's)."""
+    episodes, text, index = [], [], []
+    for d, offset in ((a, 0), (b, len(a.tasks))):
+        for s, e in zip(d.episode_from, d.episode_to, strict=True):
+            episodes.append({k: np.asarray(d.frames[k][s:e]) for k in ("observation.state", "action", "tabletop_task")})
+        text.append(np.asarray(d.frames[TEXT_KEY]))
+        index.append(np.asarray(d.frames["task_index"]) + offset)
+    out = EpisodeDataset.from_episodes(episodes, fps=a.fps, tasks=list(a.tasks) + list(b.tasks),
+                                       columns={TEXT_KEY: np.concatenate(text), "task_index": np.concatenate(index)})
     out.info["labkit"] = copy.deepcopy(ENV)
     out.info["features"][TEXT_KEY]["names"] = None
     return out
@@ -215,5 +230,5 @@ def controllability(episodes, logs: list[list[tuple[int, str]]]) -> tuple[np.nda
     return np.reshape(commanded, (-1, 2)), np.reshape(executed, (-1, 2))
 
 
-__all__ = ["ENV", "TEXT_KEY", "LanguageRuntime", "LearnedReasoner", "command_dataset", "controllability",
+__all__ = ["ENV", "TEXT_KEY", "LanguageRuntime", "LearnedReasoner", "command_dataset", "controllability", "join_commands",
            "episode_tasks"]
