@@ -1,13 +1,15 @@
-"""The language-conditioned Tabletop policy that ships with labkit (lesson 12), and the command that
-rebuilds it:
+"""The language-conditioned Tabletop policy that ships with labkit (lesson 12), its learned reasoner, and
+the command that rebuilds them:
 
-    python -m labkit.language.pretrained            # ~15 min on a 2-core laptop CPU (meta.json: how long)
+    python -m labkit.language.pretrained            # ~22 min on a 2-core laptop CPU (meta.json: how long)
+    python -m labkit.language.pretrained --parts reasoner     # one part alone: policy, dagger, reasoner
 
 One FlowPolicy reads the state (10-D, no task code) and a command's all-MiniLM-L6-v2 embedding through an
-MLP, FiLM-conditioned on its output, and is trained on every command level (task paraphrases, subtasks, motions, points) of
-the expert's episodes on the 9 SEEN_TASKS; HELD_OUT_TASKS (one per colour and per corner, so each word
-was seen in other compositions) are never in its data. The checkpoint holds the weights only (loaded
-with weights_only=True); `meta.json` beside it records how it was made and how long it took.
+MLP, FiLM-conditioned on its output, and is trained on every command level (task paraphrases, subtasks,
+motions, points) of the expert's episodes on the 9 SEEN_TASKS, then finetuned with DAgger rounds told
+the task sentence; HELD_OUT_TASKS (one per colour and per corner, so each word was seen in other
+compositions) are never in its data. The checkpoints hold weights only (loaded with weights_only=True);
+`meta.json` beside them records how they were made and how long it took.
 """
 
 from __future__ import annotations
