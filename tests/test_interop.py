@@ -121,6 +121,21 @@ def test_quantiles_are_lerobots(tmp_path):
     assert q50.shape == (3, 1, 1) and 0.3 < q50.min() and q50.max() < 0.7  # uniform noise: about 0.5
 
 
+def test_episode_quantiles_equal_numpys_bit_for_bit():
+    """episode_stats' quantiles come from one sort, not np.quantile: the same numbers exactly, at every
+    length (1 frame, 2, odd, even), scale, rounded values (ties) and a NaN (np.quantile's answer)."""
+    rng = np.random.default_rng(0)
+    qs = list(fmt.QUANTILES.values())
+    cases = [rng.normal(size=(n, d)) * scale for n in (1, 2, 3, 7, 60, 61, 997) for d in (1, 384)
+             for scale in (1e-3, 1.0, 1e4)]
+    cases += [np.round(rng.normal(size=(50, 4))), np.full((9, 2), 3.0), np.array([[0.0], [np.nan], [1.0]])]
+    for x in cases:
+        got = fmt.episode_stats(x)
+        want = np.quantile(x, qs, axis=0)
+        for i, name in enumerate(fmt.QUANTILES):
+            assert np.array_equal(got[name], want[i], equal_nan=True), (x.shape, name)
+
+
 @pytest.mark.parametrize("name", sorted(p.name for p in DATASETS.iterdir() if (p / "meta" / "info.json").exists()))
 def test_shipped_meta_is_current(name):
     """Each shipped dataset's meta carries quantiles, per-episode stats and the interface in its action

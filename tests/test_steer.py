@@ -97,6 +97,10 @@ def test_labels_follow_the_expert(demos):
     np.testing.assert_allclose(parse_motion(labels["motion"][0]), moved, atol=0.0051)
     assert episode_tasks(demos) == [0, 0, 5, 5, 11, 11]
     assert labels["task"][0] == task_text(0) == TASKS[0]
+    # one level alone is that level's labels, and only it is computed; a bad level is named
+    assert label_episode(s[a:b], task, levels=("motion",)) == {"motion": labels["motion"]}
+    with pytest.raises(ValueError, match="'gesture'"):
+        label_episode(s[a:b], task, levels=("gesture",))
 
 
 def test_command_dataset_embeds_every_level(demos):

@@ -284,11 +284,27 @@ QUANTILES = {"q01": 0.01, "q10": 0.10, "q50": 0.50, "q90": 0.90, "q99": 0.99}
 STAT_NAMES = ("min", "max", "mean", "std", "count", *QUANTILES)  # one stats.json entry, in LeRobot's order
 
 
+_Q = np.array(list(QUANTILES.values()))
+
+
+def _sorted_quantiles(x: np.ndarray) -> np.ndarray:
+    """np.quantile(x, _Q, axis=0) (its "linear" method, bit for bit: the same indices and the same lerp),
+    from one sort: 3-6x faster on an episode, where np.quantile's own set-up dominates."""
+    s = np.sort(x, axis=0)
+    v = (len(x) - 1) * _Q
+    lo = np.floor(v)
+    hi = np.minimum(lo + 1, len(x) - 1)
+    g = (v - lo)[:, None]
+    a, b = s[lo.astype(np.intp)], s[hi.astype(np.intp)]
+    d = b - a
+    return np.where(g >= 0.5, b - d * (1 - g), a + d * g)  # numpy's _lerp: from the nearer end
+
+
 def _quantiles(x: np.ndarray, image: bool) -> dict[str, np.ndarray]:
     """Per-column quantiles of x [n, d]. Images are uint8, so one 256-bin count per channel gives the
     same values as np.quantile over every pixel (linear interpolation), without sorting millions of them."""
     if not image:
-        q = np.quantile(x, list(QUANTILES.values()), axis=0)
+        q = _sorted_quantiles(x) if len(x) and not np.isnan(x).any() else np.quantile(x, _Q, axis=0)
         return {name: q[i] for i, name in enumerate(QUANTILES)}
     out = {name: np.empty(x.shape[1]) for name in QUANTILES}
     for c in range(x.shape[1]):

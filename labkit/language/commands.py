@@ -19,6 +19,7 @@ state and the task) and writes the next command at a chosen level, planning with
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -122,18 +123,24 @@ def subtask_command(state: np.ndarray, task: int) -> str:
     return SUBTASKS[is_pushing(state, task)].format(colour=colour, corner=corner)
 
 
-def label_episode(states: np.ndarray, task: int, template: str = TRAIN_TEMPLATES[0]) -> dict[str, list[str]]:
-    """Commands at every level for each frame of one expert episode (its states [T, D], world frame):
-    {level: [T strings]}. Motion and point look MOTION_STEPS frames ahead (the last frame past the end)."""
+def label_episode(states: np.ndarray, task: int, template: str = TRAIN_TEMPLATES[0],
+                  levels: Sequence[str] = LEVELS) -> dict[str, list[str]]:
+    """Commands at each of `levels` (default: every level) for each frame of one expert episode (its
+    states [T, D], world frame): {level: [T strings]}. Motion and point look MOTION_STEPS frames ahead
+    (the last frame past the end). Only the levels asked for are computed (labelling is per frame)."""
+    bad = [lv for lv in levels if lv not in LEVELS]
+    if bad:
+        raise ValueError(f"levels must be among {LEVELS}, got {bad}")
     states = np.asarray(states)
     T = len(states)
     later = states[np.minimum(np.arange(T) + MOTION_STEPS, T - 1), :2]
-    return {
-        "task": [task_text(task, template)] * T,
-        "subtask": [subtask_command(s, task) for s in states],
-        "motion": [motion_command(s[:2], q) for s, q in zip(states, later, strict=True)],
-        "point": [point_command(q) for q in later],
+    make = {
+        "task": lambda: [task_text(task, template)] * T,
+        "subtask": lambda: [subtask_command(s, task) for s in states],
+        "motion": lambda: [motion_command(s[:2], q) for s, q in zip(states, later, strict=True)],
+        "point": lambda: [point_command(q) for q in later],
     }
+    return {lv: make[lv]() for lv in dict.fromkeys(levels)}
 
 
 class ScriptedReasoner:

@@ -70,8 +70,9 @@ def build(episodes_per_task: int = RECIPE["episodes_per_task"], steps: int = REC
     encoder, out = PretrainedTextEncoder(), Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     info = meta(out) if "policy" not in parts else {}
+    # every level of the demos: the policy's data, and the base DAgger's labels are mixed into
+    commands = command_dataset(data, encoder, RECIPE["levels"]) if {"policy", "dagger"} & set(parts) else None
     if "policy" in parts:
-        commands = command_dataset(data, encoder, RECIPE["levels"])
         policy = FlowPolicy.from_dataset(commands, obs_keys=("observation.state", TEXT_KEY), **RECIPE["policy"])
         fit(policy, commands, steps=steps, batch_size=RECIPE["batch_size"], seed=seed, progress=progress)
         policy.save(out)
@@ -84,7 +85,7 @@ def build(episodes_per_task: int = RECIPE["episodes_per_task"], steps: int = REC
     if "dagger" in parts:
         d_start, d_cpu = time.perf_counter(), time.process_time()
         policy = load_pretrained(out)
-        rates = dagger_rounds(policy, command_dataset(data, encoder, RECIPE["levels"]), encoder)
+        rates = dagger_rounds(policy, commands, encoder)
         policy.save(out)
         info["dagger"] = {**RECIPE["dagger"], "rollout_success": rates,
                           "wall_minutes": round((time.perf_counter() - d_start) / 60, 1),

@@ -80,7 +80,7 @@ def command_dataset(dataset: EpisodeDataset, encoder, levels: Sequence[str] = LE
     for n, level in enumerate(levels):
         r = list(levels[:n]).count(level)  # how many copies of this level came before
         for j, (a, b, task) in enumerate(zip(dataset.episode_from, dataset.episode_to, tasks, strict=True)):
-            said = label_episode(state[a:b], task, templates[(j + r) % len(templates)])[level]
+            said = label_episode(state[a:b], task, templates[(j + r) % len(templates)], (level,))[level]
             commands += said
             episodes.append({"observation.state": state[a:b], "action": np.asarray(dataset.frames["action"][a:b]),
                              "tabletop_task": np.full(b - a, task, np.int64)})
