@@ -219,3 +219,25 @@ def test_join_commands_keeps_both_datasets_commands(demos):
     assert said[:len(a)] == [a.tasks[int(i)] for i in a.frames["task_index"]]
     assert said[len(a):] == [b.tasks[int(i)] for i in b.frames["task_index"]]
     np.testing.assert_array_equal(both.frames[TEXT_KEY][len(a):], b.frames[TEXT_KEY])
+
+
+def test_pretrained_build_runs_every_stage_and_records_it(tmp_path, monkeypatch):
+    """`python -m labkit.language.pretrained` in miniature: every stage runs, meta.json records each, the
+    motion stage's lower rate is not left in the saved policy, and one part rebuilds alone."""
+    from labkit.language import pretrained
+
+    monkeypatch.setitem(pretrained.RECIPE, "dagger", {**pretrained.RECIPE["dagger"], "rounds": 1, "episodes_per_task": 4,
+                                                      "steps": 3})
+    monkeypatch.setitem(pretrained.RECIPE, "polish", {**pretrained.RECIPE["polish"], "steps": 3})
+    monkeypatch.setitem(pretrained.RECIPE, "reasoner", {**pretrained.RECIPE["reasoner"], "steps": 3})
+    out = pretrained.build(episodes_per_task=1, steps=3, out=tmp_path / "flow.pt", progress=False)
+    info = pretrained.meta(out)
+    assert {"dagger", "polish", "reasoner"} <= set(info) and info["steps"] == 3 and info["episodes_per_task"] == 1
+    assert len(info["dagger"]["rollout_success"]) == 1 and info["polish"]["lr"] == pretrained.RECIPE["polish"]["lr"]
+    policy = pretrained.load_pretrained(out)
+    assert policy.config.lr == 1e-3  # the policy's own rate, not the polish stage's
+    before = {k: v.detach().clone() for k, v in policy.named_parameters()}
+    pretrained.build(episodes_per_task=1, out=out, progress=False, parts=("polish",))
+    after = dict(pretrained.load_pretrained(out).named_parameters())
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # finetuned in place
+    assert pretrained.meta(out)["steps"] == 3  # the base stage's record is kept
