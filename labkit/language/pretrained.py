@@ -44,7 +44,7 @@ RECIPE = {"episodes_per_task": 300, "steps": 25000, "batch_size": 256, "seed": 0
           # kept at 97% (2 rounds; README). The same steps with no DAgger labels: 65%.
           "dagger": {"rounds": 2, "episodes_per_task": 50, "steps": 4000, "task_copies": 6, "first_seed": 50_000},
           # Last, a short finetune on the motion level of the demos at a lower rate: DAgger's task-level
-          # rounds loosen the motions (rebuilds 0.98-1.04 cm median error); this brought one build's
+          # rounds loosen the motions (builds 0.91-1.04 cm median error); this brought one build's
           # 1.03 cm to 0.96, told the task sentence 90% -> 89% (README). 2,000 steps on all levels: 1.01.
           "polish": {"level": "motion", "steps": 2000, "lr": 3e-4, "seed": 7}}
 
@@ -58,9 +58,8 @@ def build(episodes_per_task: int = RECIPE["episodes_per_task"], steps: int = REC
           parts=("policy", "dagger", "polish", "reasoner")) -> Path:
     """Record the expert on SEEN_TASKS, label every level, train the flow policy, finetune it with DAgger
     rounds, then briefly on the motion level, train the learned reasoner on the same episodes; save them
-    and meta.json. A part left out is
-    kept as saved (e.g. `parts=("reasoner",)` retrains the reasoner alone; `("dagger",)` finetunes the
-    saved policy)."""
+    and meta.json. A part left out is kept as saved (e.g. `parts=("reasoner",)` retrains the reasoner
+    alone; `("dagger",)` finetunes the saved policy)."""
     import torch
 
     from labkit.envs.tabletop import demos
